@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The project's test command: installs what is missing, lints, then runs the test suite under the
+# TensorFlow backend and the toolkit suite again under JAX. Exit code 0 only if everything passed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+
+export PYTHONDONTWRITEBYTECODE=1
+echo "== ruff"
+.venv/bin/ruff check .
+
+workers="${TEST_WORKERS:-2}"
+echo "== pytest (KERAS_BACKEND=tensorflow)"
+KERAS_BACKEND=tensorflow .venv/bin/pytest -q -n "$workers" --timeout 900 tests
+
+echo "== pytest (KERAS_BACKEND=jax)"
+KERAS_BACKEND=jax .venv/bin/pytest -q -n "$workers" --timeout 900 -m "not browser" tests/toolkit

@@ -4,6 +4,8 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Tests never send MLflow usage data.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import keras  # noqa: E402
 import pytest  # noqa: E402

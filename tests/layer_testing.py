@@ -135,7 +135,7 @@ def run_layer_test(
         sym_layer = layer_cls(**init_kwargs)
         model = _build_model(sym_layer, input_data, call_kwargs, with_scores)
         sym_shapes = [tuple(o.shape) for o in _as_list(model.outputs)]
-        out = model(input_data if len(input_data) > 1 else input_data[0])
+        out = model(input_data)
         got = [_shape_of(o) for o in _as_list(out)]
         for sym, real in zip(sym_shapes, got):
             assert sym[0] is None, f"symbolic batch dimension should be None, got {sym}"
@@ -151,7 +151,7 @@ def run_layer_test(
             path = os.path.join(str(tmp_path), f"{layer_cls.__name__}_{int(with_scores)}.keras")
             model.save(path)
             loaded = keras.saving.load_model(path, safe_mode=True)
-            again = loaded(input_data if len(input_data) > 1 else input_data[0])
+            again = loaded(input_data)
             for a, b in zip(_as_list(out), _as_list(again)):
                 np.testing.assert_allclose(_to_numpy(a), _to_numpy(b), atol=atol, rtol=atol)
 
@@ -160,11 +160,11 @@ def run_layer_test(
         model = _build_model(train_layer, input_data, call_kwargs, False)
         if model.trainable_weights:
             model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
-            out = model(input_data if len(input_data) > 1 else input_data[0])
+            out = model(input_data)
             target = np.random.default_rng(0).normal(size=_shape_of(_as_list(out)[0]))
             before = [np.array(w) for w in model.trainable_weights]
             history = model.fit(
-                input_data if len(input_data) > 1 else input_data[0],
+                input_data,
                 target.astype("float32"),
                 batch_size=len(target),
                 epochs=1,

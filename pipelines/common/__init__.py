@@ -1,0 +1,1 @@
+"""Pieces both pipelines share: configuration files, the CLI error wrapper, progress bars, paths."""

@@ -1,0 +1,3 @@
+"""Attention core functions."""
+
+from toolkit.ops.attention import scaled_dot_product_attention

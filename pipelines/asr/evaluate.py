@@ -1,0 +1,115 @@
+"""Scoring a trained recognizer on a corpus: WER, CER, S/D/I counts and decoding speed.
+
+`evaluate(model_path, data)` decodes every utterance of a manifest (or any corpus
+`pipelines.asr.data.load_corpus` reads) and returns one dict with `wer`, `cer`,
+`utterances`, `rtf` (decoding time over audio time; the features are computed first and not
+counted, and one utterance is decoded before timing so compilation is not counted either),
+`rtf_with_features`, the word-level `substitutions`/`deletions`/`insertions` (and the same
+`char_*` counts), `beam_size` and `skipped`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from toolkit.errors import UserError
+
+
+def evaluate(
+    model_path=None,
+    data=None,
+    beam_size: int = 4,
+    ctc_weight: float = 0.3,
+    batch_size: int = 16,
+    limit: int | None = None,
+    progress: bool = False,
+) -> dict:
+    """Decode a corpus and score it.
+
+    Args:
+        model_path: str, Path or None. The model (`None`: the newest under `runs/asr/`).
+        data: str or Path. A manifest (`.jsonl`), an LJSpeech folder or a wav+txt folder.
+        beam_size: int. `1` is batched greedy decoding. Defaults to `4`.
+        ctc_weight: float. Weight of the CTC prefix score in beam search. Defaults to `0.3`.
+        batch_size: int. Utterances per greedy batch. Defaults to `16`.
+        limit: int or None. Only the first `limit` utterances.
+
+    Returns:
+        dict (see the module docstring).
+    """
+    from pipelines.asr.data import load_corpus
+    from pipelines.asr.decode import Decoder
+    from pipelines.asr.metrics import error_rates
+    from pipelines.asr.transcribe import feature_extractor_for, load_recognizer
+
+    if data is None:
+        raise UserError("evaluate needs --data MANIFEST")
+    if beam_size < 1:
+        raise UserError(f"--beam must be at least 1. Received: {beam_size}")
+    model = load_recognizer(model_path)
+    corpus = load_corpus(data)
+    utterances = corpus.utterances[:limit] if limit else corpus.utterances
+    if not utterances:
+        raise UserError(f"{data}: no usable utterances to evaluate")
+    extractor = feature_extractor_for(model)
+    start = time.perf_counter()
+    features = []
+    kept = []
+    skipped = dict(corpus.skipped)
+    for utt in utterances:
+        try:
+            features.append(extractor.compute(utt.audio_filepath))
+            kept.append(utt)
+        except UserError as error:
+            print(f"warning: {error}", file=sys.stderr, flush=True)
+            skipped["unreadable_audio"] = skipped.get("unreadable_audio", 0) + 1
+    feature_seconds = time.perf_counter() - start
+    if not kept:
+        raise UserError(f"{data}: none of the audio files could be read")
+    decoder = Decoder(model)
+    decoder.decode(features[:1], beam_size=beam_size, ctc_weight=ctc_weight)  # compile
+    if beam_size == 1 and len(features) > 1:
+        decoder.decode(features[:batch_size], beam_size=1, batch_size=batch_size)
+    start = time.perf_counter()
+    hyps = decoder.decode(
+        features, beam_size=beam_size, ctc_weight=ctc_weight, batch_size=batch_size
+    )
+    decode_seconds = time.perf_counter() - start
+    texts = [decoder.tokenizer.decode(h.tokens) for h in hyps]
+    rates = error_rates([u.text for u in kept], texts)
+    params = extractor.params
+    audio_seconds = sum(len(f) for f in features) * params.hop_length / params.sample_rate
+    result = {
+        **rates.as_dict(),
+        "utterances": len(kept),
+        "audio_seconds": audio_seconds,
+        "decode_seconds": decode_seconds,
+        "rtf": decode_seconds / audio_seconds,
+        "rtf_with_features": (decode_seconds + feature_seconds) / audio_seconds,
+        "beam_size": beam_size,
+        "ctc_weight": ctc_weight if beam_size > 1 else 0.0,
+        "skipped": skipped,
+        "examples": [
+            {"reference": u.text, "hypothesis": t} for u, t in list(zip(kept, texts))[:5]
+        ],
+    }
+    return result
+
+
+def format_report(result: dict) -> str:
+    """A short human-readable report of `evaluate`'s result."""
+    lines = [
+        f"utterances: {result['utterances']} ({result['audio_seconds']:.1f} s of audio)",
+        f"WER: {result['wer']:.2%}  (S={result['substitutions']} D={result['deletions']} "
+        f"I={result['insertions']} of {result['reference_words']} words)",
+        f"CER: {result['cer']:.2%}  (S={result['char_substitutions']} "
+        f"D={result['char_deletions']} I={result['char_insertions']} of "
+        f"{result['reference_chars']} characters)",
+        f"decoding: beam {result['beam_size']}, real-time factor {result['rtf']:.4f} "
+        f"({result['rtf_with_features']:.4f} with feature extraction)",
+    ]
+    for example in result["examples"][:3]:
+        lines.append(f"  ref: {example['reference']}")
+        lines.append(f"  hyp: {example['hypothesis']}")
+    return "\n".join(lines)

@@ -1,0 +1,153 @@
+"""Loading a trained recognizer and turning audio files into text.
+
+`transcribe_files` prints one line per file, `path<TAB>text` (or, with `json_output`, one JSON
+object per line with `path`, `text`, `seconds` (audio duration) and `decode_seconds`). A file that
+is missing, empty or not audio gets one `error: ...` line on stderr naming it; the other files are
+still transcribed and the exit code is then 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from toolkit.errors import UserError
+
+DEFAULT_RUNS_DIR = Path("runs") / "asr"
+MODEL_FILENAME = "model.keras"
+
+
+def find_latest_model(runs_dir: str | Path = DEFAULT_RUNS_DIR) -> Path:
+    """The most recently written `model.keras` under `runs_dir` (one folder per run).
+
+    Raises:
+        UserError: there is no trained model yet.
+    """
+    runs_dir = Path(runs_dir)
+    candidates = sorted(
+        runs_dir.glob(f"*/{MODEL_FILENAME}"), key=lambda p: p.stat().st_mtime, reverse=True
+    )
+    if not candidates:
+        raise UserError(
+            f"no trained model in {runs_dir}/: train one first with `python -m pipelines.asr "
+            "train`, or pass --model PATH"
+        )
+    return candidates[0]
+
+
+def load_recognizer(path: str | Path | None = None, runs_dir: str | Path = DEFAULT_RUNS_DIR):
+    """Load a recognizer saved by `train` (`safe_mode=True`, no custom objects needed).
+
+    Args:
+        path: str, Path or None. A `model.keras` file or a run folder holding one; `None` picks
+            the newest model under `runs_dir`.
+
+    Raises:
+        UserError: the file is missing or is not a recognizer saved by this pipeline.
+    """
+    import keras
+
+    import pipelines.asr.model  # noqa: F401  (registers the model classes)
+
+    path = find_latest_model(runs_dir) if path is None else Path(path)
+    if path.is_dir():
+        path = path / MODEL_FILENAME
+    if not path.is_file():
+        raise UserError(f"model file {path} does not exist")
+    try:
+        model = keras.saving.load_model(path, safe_mode=True)
+    except Exception as error:  # corrupt zip, foreign model, unsafe content
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{path}: cannot load the model ({reason[:200]})") from None
+    if not hasattr(model, "decoder_step") or not hasattr(model, "get_tokenizer"):
+        raise UserError(f"{path}: not a speech recognizer saved by `python -m pipelines.asr train`")
+    return model
+
+
+def feature_extractor_for(model, cache_dir=None):
+    """A `FeatureExtractor` with the feature parameters stored in the model."""
+    from pipelines.asr.features import FeatureExtractor, FeatureParams
+
+    params = FeatureParams.from_config(model.feature_params) if model.feature_params else None
+    return FeatureExtractor(params, cache_dir=cache_dir)
+
+
+def alignment_figure(alignment, text, title):
+    """The cross-attention alignment (output characters x encoder frames) as a Figure."""
+    from toolkit.interpret.plotting import plot_attention
+
+    labels = (list(text) + ["</s>"])[: alignment.shape[0]]
+    return plot_attention(
+        alignment[: len(labels)],
+        x_label="encoder frame (40 ms)",
+        y_label="output character",
+        title=title,
+        y_tick_labels=[c if c != " " else "\u2423" for c in labels],
+    )
+
+
+def transcribe_files(
+    audio_paths,
+    model_path=None,
+    beam_size: int = 4,
+    ctc_weight: float = 0.3,
+    json_output: bool = False,
+    alignment_dir=None,
+    runs_dir=DEFAULT_RUNS_DIR,
+    stdout=None,
+    stderr=None,
+) -> int:
+    """Transcribe audio files, one output line each.
+
+    Returns:
+        0 when every file was transcribed, 2 when some could not be read (each named on stderr).
+
+    Raises:
+        UserError: no usable model.
+    """
+    from pipelines.asr.decode import Decoder
+
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    model = load_recognizer(model_path, runs_dir)
+    extractor = feature_extractor_for(model)
+    decoder = Decoder(model)
+    sample_rate = extractor.params.sample_rate
+    hop = extractor.params.hop_length
+    status = 0
+    for path in audio_paths:
+        try:
+            features = extractor.compute(path)
+        except UserError as error:
+            print(f"error: {error}", file=stderr, flush=True)
+            status = 2
+            continue
+        except Exception as error:  # anything else the audio stack raises on a bad file
+            print(f"error: {path}: unreadable audio ({type(error).__name__})", file=stderr,
+                  flush=True)
+            status = 2
+            continue
+        start = time.perf_counter()
+        hyp = decoder.decode(
+            [features],
+            beam_size=beam_size,
+            ctc_weight=ctc_weight,
+            return_alignment=alignment_dir is not None,
+        )[0]
+        elapsed = time.perf_counter() - start
+        text = decoder.tokenizer.decode(hyp.tokens)
+        if alignment_dir is not None and hyp.alignment is not None:
+            folder = Path(alignment_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            figure = alignment_figure(hyp.alignment, text, f"Alignment: {Path(path).name}")
+            figure.savefig(folder / f"{Path(path).stem}.png", dpi=100, bbox_inches="tight")
+        seconds = len(features) * hop / sample_rate
+        if json_output:
+            line = json.dumps({"path": str(path), "text": text, "seconds": round(seconds, 3),
+                               "decode_seconds": round(elapsed, 4)})
+        else:
+            line = f"{path}\t{text}"
+        print(line, file=stdout, flush=True)
+    return status

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Installs everything (system packages and .venv), then runs the main job: train the speech
+# recognizer on the built-in espeak-ng corpus (built on first use, about 5 hours of audio).
+# Extra arguments go to `python -m pipelines.asr train`, e.g. `optim.max_minutes=5`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+exec .venv/bin/python -m pipelines.asr train "$@"

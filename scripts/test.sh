@@ -13,5 +13,8 @@ workers="${TEST_WORKERS:-2}"
 echo "== pytest (KERAS_BACKEND=tensorflow)"
 KERAS_BACKEND=tensorflow .venv/bin/pytest -q -n "$workers" --timeout 900 tests
 
+# Under JAX: everything except the tests marked slow (end-to-end CLI trainings, the browser test),
+# which run under TensorFlow above.
 echo "== pytest (KERAS_BACKEND=jax)"
-KERAS_BACKEND=jax .venv/bin/pytest -q -n "$workers" --timeout 900 -m "not browser" tests/toolkit
+KERAS_BACKEND=jax .venv/bin/pytest -q -n "$workers" --timeout 900 \
+    -m "not slow" tests

@@ -77,7 +77,10 @@ def _train(args: argparse.Namespace) -> int:
     from pipelines.asr import train
     from pipelines.common.config import dump_config
 
-    config = train.resolve_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.tracking_uri is not None:
+        overrides.append(f"tracking_uri={args.tracking_uri}")
+    config = train.resolve_config(args.config, overrides)
     if args.print_config:
         print(dump_config(config), end="")
         return 0
@@ -106,6 +109,11 @@ def _add_train(subparsers) -> None:
         "--out", type=Path, default=None, help="output folder (default runs/asr/<timestamp>/)"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the local store)",
+    )
     add_config_arguments(parser)
     parser.set_defaults(handler=_train)
 

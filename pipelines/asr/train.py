@@ -29,6 +29,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from pipelines.asr.corpus import DEFAULT_UTTERANCES
 from pipelines.asr.model import ModelConfig, NoamSchedule, build_recognizer
 from pipelines.common.config import config_to_dict, load_config, save_config
 from toolkit.errors import UserError
@@ -46,7 +47,7 @@ class DataConfig:
     """Where the data comes from and how it is batched."""
 
     path: str | None = None  # a corpus (manifest folder, LJSpeech, wav+txt); None = built-in
-    builtin_utterances: int = 6000  # size of the built-in corpus when it has to be built
+    builtin_utterances: int = DEFAULT_UTTERANCES  # size of the built-in corpus (about 5 h)
     max_train_utterances: int | None = None  # use only the first N training utterances
     max_dev_utterances: int | None = 300  # dev utterances decoded each epoch
     batch_size: int = 16

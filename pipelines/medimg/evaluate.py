@@ -54,18 +54,15 @@ def json_ready(value):
 def read_mask(path, max_voxels=None):
     """A lesion mask file as `(bool array, affine)`, or `(None, None)` for an all-zero mask.
 
-    The loader refuses constant images (nothing to analyse in a scan), but an empty mask is a
-    valid "no lesion" mask.
+    An empty mask is a valid "no lesion" mask, so constant volumes are accepted here.
     """
     from pipelines.medimg.io import DEFAULT_MAX_VOXELS, load_scan
 
-    try:
-        mask = load_scan(path, max_voxels=max_voxels or DEFAULT_MAX_VOXELS)
-    except UserError as error:
-        if "(every voxel is 0)" in str(error):
-            return None, None
-        raise
-    return mask.data > 0, mask.affine
+    mask = load_scan(path, max_voxels=max_voxels or DEFAULT_MAX_VOXELS, allow_constant=True)
+    data = mask.data > 0
+    if not data.any():
+        return None, None
+    return data, mask.affine
 
 
 def _load_mask_on_scan_grid(mask_path, scan):

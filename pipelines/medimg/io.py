@@ -326,7 +326,10 @@ def _read_float32(image, index) -> np.ndarray:
 
 
 def load_scan(
-    path: str | Path, volume: int | None = None, max_voxels: int = DEFAULT_MAX_VOXELS
+    path: str | Path,
+    volume: int | None = None,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    allow_constant: bool = False,
 ) -> Scan:
     """Read one 3D volume of a NIfTI file.
 
@@ -335,6 +338,8 @@ def load_scan(
         volume: int or None. Which volume of a 4D file to read (0-based). Required when the
             file holds more than one volume. Defaults to `None`.
         max_voxels: int. Largest accepted 3D volume. Defaults to `DEFAULT_MAX_VOXELS`.
+        allow_constant: bool. Accept a volume whose voxels all have one value (an empty lesion
+            mask); scans are refused then, since there is nothing to analyse. Defaults to `False`.
 
     Returns:
         A `Scan` with float32 data in the stored voxel order.
@@ -392,7 +397,7 @@ def load_scan(
         np.copyto(data, np.float32(fill), where=~finite)
         notes.append(f"replaced {nonfinite} NaN/inf voxels with {fill:g}")
     low, high = float(data.min()), float(data.max())
-    if low == high:
+    if low == high and not allow_constant:
         raise _fail(path, f"is constant (every voxel is {low:g}): no image content")
     return Scan(
         path=path,

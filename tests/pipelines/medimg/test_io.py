@@ -224,6 +224,15 @@ def test_bad_files_raise_one_line_user_error_naming_the_file(tmp_path, volume, k
     assert peak < 50 * 2**20, f"{kind}: peak memory {peak / 2**20:.0f} MiB"
 
 
+def test_constant_volume_loads_only_when_allowed(tmp_path):
+    path = write(tmp_path / "empty_mask.nii.gz", np.zeros((4, 5, 6), np.float32))
+    with pytest.raises(UserError, match="constant"):
+        load_scan(path)
+    mask = load_scan(path, allow_constant=True)
+    assert mask.shape == (4, 5, 6)
+    assert not mask.data.any()
+
+
 def test_declared_size_beyond_max_voxels_is_refused_before_reading(tmp_path):
     payload = b"\0" * (64 * 64 * 64 * 2)
     path = tmp_path / "big.nii"

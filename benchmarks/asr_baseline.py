@@ -64,6 +64,7 @@ class BaselineBatches(keras.utils.PyDataset):
         self.shuffle = shuffle
         if shuffle:
             self.rng.shuffle(self.batches)
+        self._lead_with_differing_shapes()
 
     def __len__(self):
         return len(self.batches)
@@ -71,6 +72,34 @@ class BaselineBatches(keras.utils.PyDataset):
     def on_epoch_end(self):
         if self.shuffle:
             self.rng.shuffle(self.batches)
+        self._lead_with_differing_shapes()
+
+    def _padded_shape(self, batch):
+        """(frames, tokens) that `__getitem__` will pad `batch` to, from durations and texts."""
+        items = [self.utterances[i] for i in batch]
+        samples = max(int(round(u.duration * 16000)) for u in items)
+        frames = 1 + max(samples - FRAME_LENGTH, 0) // FRAME_STEP
+        tokens = max(len(self.tokenizer.encode(u.text)[: MAX_TARGET - 2]) for u in items)
+        return math.ceil(frames / 256) * 256, math.ceil((tokens + 1) / 32) * 32
+
+    def _lead_with_differing_shapes(self):
+        # Keras' TensorFlow adapter takes the dataset signature from the first two batches: a
+        # padded axis that is equal in both becomes fixed and later, longer buckets fail. Put two
+        # batches that differ on both axes first (the longest, then one that differs from it).
+        if len(self.batches) < 2:
+            return
+        shapes = [self._padded_shape(b) for b in self.batches]
+        first = max(range(len(shapes)), key=lambda i: shapes[i])
+        second = next(
+            (i for i in range(len(shapes))
+             if shapes[i][0] != shapes[first][0] and shapes[i][1] != shapes[first][1]),
+            None,
+        )
+        if second is None:
+            return
+        lead = [self.batches[first], self.batches[second]]
+        rest = [b for i, b in enumerate(self.batches) if i not in (first, second)]
+        self.batches = lead + rest
 
     def __getitem__(self, index):
         items = [self.utterances[i] for i in self.batches[index]]

@@ -31,6 +31,7 @@ import numpy as np
 
 from pipelines.asr.corpus import DEFAULT_UTTERANCES
 from pipelines.asr.model import ModelConfig, NoamSchedule, build_recognizer
+from pipelines.common.callbacks import TimeBudget
 from pipelines.common.config import config_to_dict, load_config, save_config
 from toolkit.errors import UserError
 
@@ -300,24 +301,6 @@ class DevEvaluation(keras.callbacks.Callback):
             file=sys.stderr,
             flush=True,
         )
-
-
-class TimeBudget(keras.callbacks.Callback):
-    """Stops training once `max_minutes` of wall time have passed (checked after each batch)."""
-
-    def __init__(self, max_minutes):
-        super().__init__()
-        self.max_seconds = float(max_minutes) * 60.0
-        self.start = None
-        self.stopped = False
-
-    def on_train_begin(self, logs=None):
-        self.start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        if time.perf_counter() - self.start > self.max_seconds:
-            self.model.stop_training = True
-            self.stopped = True
 
 
 def _atomic_write_json(path, data):

@@ -41,6 +41,7 @@ import keras
 import numpy as np
 import scipy.ndimage
 
+from pipelines.common.callbacks import TimeBudget
 from pipelines.common.config import config_to_dict, load_config, save_config
 from pipelines.common.paths import toolkit_home
 from pipelines.common.progress import progress_bar
@@ -526,21 +527,6 @@ class ValidationMonitor(keras.callbacks.Callback):
         )
         figure = plot_volume_overlay(image.astype(np.float32), heatmap, title=title)
         return {"val_heatmap": figure}
-
-
-class TimeBudget(keras.callbacks.Callback):
-    """Stops training once `minutes` have passed (checked after every batch)."""
-
-    def __init__(self, minutes: float):
-        super().__init__()
-        self.seconds = minutes * 60.0
-        self.start = time.perf_counter()
-        self.stopped = False
-
-    def on_train_batch_end(self, batch, logs=None):
-        if time.perf_counter() - self.start > self.seconds:
-            self.model.stop_training = True
-            self.stopped = True
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,9 @@ export PYTHONDONTWRITEBYTECODE=1
 echo "== ruff"
 .venv/bin/ruff check .
 
+echo "== dependency audit"
+bash scripts/audit.sh
+
 workers="${TEST_WORKERS:-2}"
 echo "== pytest (KERAS_BACKEND=tensorflow)"
 KERAS_BACKEND=tensorflow .venv/bin/pytest -q -n "$workers" --timeout 900 tests

@@ -128,6 +128,7 @@ def _transcribe(args: argparse.Namespace) -> int:
         ctc_weight=args.ctc_weight,
         json_output=args.json,
         alignment_dir=args.alignment_png,
+        max_segment_seconds=args.max_segment_seconds,
     )
 
 
@@ -143,13 +144,26 @@ def _add_transcribe(subparsers) -> None:
     )
     parser.add_argument("--beam", type=int, default=4, help="beam width; 1 = greedy (default 4)")
     parser.add_argument(
-        "--ctc-weight", type=float, default=0.3, help="CTC prefix score weight (default 0.3)"
+        "--ctc-weight", type=float, default=0.5, help="CTC prefix score weight (default 0.5)"
     )
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument(
         "--alignment-png", type=Path, default=None, help="save attention alignment plots here"
     )
+    _add_segment_argument(parser)
     parser.set_defaults(handler=_transcribe)
+
+
+def _add_segment_argument(parser) -> None:
+    from pipelines.asr.segment import DEFAULT_MAX_SECONDS
+
+    parser.add_argument(
+        "--max-segment-seconds",
+        type=float,
+        default=DEFAULT_MAX_SECONDS,
+        help="recordings longer than this are decoded in segments cut at pauses "
+        f"(default {DEFAULT_MAX_SECONDS:g})",
+    )
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -164,6 +178,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         ctc_weight=args.ctc_weight,
         batch_size=args.batch_size,
         limit=args.limit,
+        max_segment_seconds=args.max_segment_seconds,
     )
     print(json.dumps(result) if args.json else format_report(result))
     return 0
@@ -181,11 +196,12 @@ def _add_evaluate(subparsers) -> None:
     parser.add_argument("--data", type=Path, required=True, help="manifest (.jsonl) or corpus")
     parser.add_argument("--beam", type=int, default=4, help="beam width; 1 = greedy (default 4)")
     parser.add_argument(
-        "--ctc-weight", type=float, default=0.3, help="CTC prefix score weight (default 0.3)"
+        "--ctc-weight", type=float, default=0.5, help="CTC prefix score weight (default 0.5)"
     )
     parser.add_argument("--batch-size", type=int, default=16, help="greedy batch size")
     parser.add_argument("--limit", type=int, default=None, help="only the first N utterances")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_segment_argument(parser)
     parser.set_defaults(handler=_evaluate)
 
 

@@ -98,7 +98,11 @@ class CTCPrefixScorer:
         empty = last < 0  # (K,)
         r[:, :, 0, 0] = np.where(empty[:, None], x[0], NEG_INF)
         psi = r[:, :, 0, 0].copy()  # (K, C)
-        for t in range(1, T):
+        # Frames before the earliest end of any prefix cannot emit the new label: start after it
+        # (everything before stays -inf; ESPnet starts at the prefix length for the same reason).
+        finite = np.isfinite(r_sum).any(axis=0)  # (T,)
+        start = int(np.argmax(finite)) + 1 if finite.any() else T
+        for t in range(max(start, 1), T):
             r[:, :, t, 0] = np.logaddexp(r[:, :, t - 1, 0], phi[:, :, t - 1]) + x[t]
             r[:, :, t, 1] = np.logaddexp(r[:, :, t - 1, 0], r[:, :, t - 1, 1]) + blank[t]
             psi = np.logaddexp(psi, phi[:, :, t - 1] + x[t])

@@ -202,7 +202,9 @@ def write_manifest(utterances, path: str | Path, relative_to: str | Path | None 
 
 def _manifest_entries(manifest: Path):
     try:
-        lines = manifest.read_text(encoding="utf-8").splitlines()
+        # Split at "\n" only: str.splitlines() also splits at U+2028, U+0085 and other
+        # separators that json.dumps(ensure_ascii=False) leaves unescaped inside strings.
+        lines = manifest.read_text(encoding="utf-8").split("\n")
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"cannot read manifest {manifest}: {error}") from None
     base = manifest.parent.absolute()

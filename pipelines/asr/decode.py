@@ -149,6 +149,12 @@ class Decoder:
             log_probs, state, alignment = model.decoder_step(tokens, state, index)
             return ops.cast(log_probs, "float32") + banned, state, alignment
 
+        def reorder_step(tokens, state, index, parents):
+            # Beam search: pick each slot's parent cache and advance it, in one compiled call
+            # (reordering the cache eagerly, one gather per tensor, cost as much as the step).
+            state = {k: ops.take(v, parents, axis=0) for k, v in state.items()}
+            return step(tokens, state, index)
+
         def full(tokens, encoded, mask):
             logits, alignment = model.decode_full(
                 tokens, encoded, mask, training=False, return_alignment=True
@@ -187,9 +193,11 @@ class Decoder:
             self._loop = compile_function(model, loop, xla=xla)
             self._encode = compile_function(model, encode)
             self._step = compile_function(model, step)
+            self._reorder_step = compile_function(model, reorder_step, xla=xla)
             self._full = compile_function(model, full)
         else:
             self._encode, self._step, self._full = encode, step, full
+            self._reorder_step = reorder_step
             self._loop = loop
 
     # ------------------------------------------------------------------------------------------
@@ -313,7 +321,7 @@ class Decoder:
         features,
         length,
         beam_size: int = 4,
-        ctc_weight: float = 0.3,
+        ctc_weight: float = 0.5,
         pre_beam: int | None = None,
         length_normalization: bool = True,
         end_detect_window: int = 3,
@@ -327,7 +335,7 @@ class Decoder:
             features: (T, F) float array of one utterance (unpadded).
             length: int. Its number of frames.
             beam_size: int. Hypotheses kept per step. Defaults to `4`.
-            ctc_weight: float in [0, 1]. Weight of the CTC prefix score. Defaults to `0.3`.
+            ctc_weight: float in [0, 1]. Weight of the CTC prefix score. Defaults to `0.5`.
             pre_beam: int or None. Candidate tokens per hypothesis (best attention scores);
                 `None` is `int(1.5 * beam_size)`.
             length_normalization: bool. Rank finished hypotheses by score / length.
@@ -368,9 +376,11 @@ class Decoder:
         ended: list[tuple[float, float, dict]] = []  # (ranking score, raw score, hyp)
         ended_by_length: dict[int, float] = {}
         tokens = np.full((K,), START_ID, "int32")
+        parents = np.arange(K, dtype="int32")
         for i in range(max_len):
-            log_probs, state, alignment = self._step(
-                ops.convert_to_tensor(tokens), state, ops.convert_to_tensor(i, "int32")
+            log_probs, state, alignment = self._reorder_step(
+                ops.convert_to_tensor(tokens), state, ops.convert_to_tensor(i, "int32"),
+                ops.convert_to_tensor(parents),
             )
             log_probs = np.asarray(ops.convert_to_numpy(log_probs), "float64")  # (K, V)
             alignment = np.asarray(ops.convert_to_numpy(alignment)) if return_alignment else None
@@ -419,8 +429,7 @@ class Decoder:
                 new_hyps.append(dead)
                 parents.append(parents[0])
             hyps = new_hyps
-            index = np.asarray(parents, "int32")
-            state = {k: ops.take(v, index, axis=0) for k, v in state.items()}
+            parents = np.asarray(parents, "int32")  # reordered inside the next step
             tokens = np.asarray([h["tokens"][-1] for h in hyps], "int32")
         if not ended:  # only when max_len is reached without any hypothesis: keep the live ones
             for h in hyps:
@@ -454,7 +463,7 @@ class Decoder:
         features_list,
         beam_size: int = 1,
         batch_size: int = 16,
-        ctc_weight: float = 0.3,
+        ctc_weight: float = 0.5,
         return_alignment: bool = False,
     ):
         """Decode a list of `(frames, F)` feature arrays: greedy when `beam_size == 1`.

@@ -5,7 +5,8 @@
 `utterances`, `rtf` (decoding time over audio time; the features are computed first and not
 counted, and one utterance is decoded before timing so compilation is not counted either),
 `rtf_with_features`, the word-level `substitutions`/`deletions`/`insertions` (and the same
-`char_*` counts), `beam_size` and `skipped`.
+`char_*` counts), `beam_size` and `skipped`. Utterances longer than `max_segment_seconds` are
+decoded in segments cut at pauses and their texts joined (`pipelines.asr.segment`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import sys
 import time
 
+from pipelines.asr.segment import DEFAULT_MAX_SECONDS
 from toolkit.errors import UserError
 
 
@@ -20,10 +22,11 @@ def evaluate(
     model_path=None,
     data=None,
     beam_size: int = 4,
-    ctc_weight: float = 0.3,
+    ctc_weight: float = 0.5,
     batch_size: int = 16,
     limit: int | None = None,
     progress: bool = False,
+    max_segment_seconds: float = DEFAULT_MAX_SECONDS,
 ) -> dict:
     """Decode a corpus and score it.
 
@@ -31,9 +34,11 @@ def evaluate(
         model_path: str, Path or None. The model (`None`: the newest under `runs/asr/`).
         data: str or Path. A manifest (`.jsonl`), an LJSpeech folder or a wav+txt folder.
         beam_size: int. `1` is batched greedy decoding. Defaults to `4`.
-        ctc_weight: float. Weight of the CTC prefix score in beam search. Defaults to `0.3`.
+        ctc_weight: float. Weight of the CTC prefix score in beam search. Defaults to `0.5`.
         batch_size: int. Utterances per greedy batch. Defaults to `16`.
         limit: int or None. Only the first `limit` utterances.
+        max_segment_seconds: float. Utterances longer than this are decoded in segments cut at
+            pauses (`pipelines.asr.segment`), their texts joined in order. Defaults to `10.0`.
 
     Returns:
         dict (see the module docstring).
@@ -41,12 +46,17 @@ def evaluate(
     from pipelines.asr.data import load_corpus
     from pipelines.asr.decode import Decoder
     from pipelines.asr.metrics import error_rates
+    from pipelines.asr.segment import join_texts, segment_features
     from pipelines.asr.transcribe import feature_extractor_for, load_recognizer
 
     if data is None:
         raise UserError("evaluate needs --data MANIFEST")
     if beam_size < 1:
         raise UserError(f"--beam must be at least 1. Received: {beam_size}")
+    if not max_segment_seconds > 0:
+        raise UserError(
+            f"--max-segment-seconds must be positive. Received: {max_segment_seconds}"
+        )
     model = load_recognizer(model_path)
     corpus = load_corpus(data)
     utterances = corpus.utterances[:limit] if limit else corpus.utterances
@@ -55,11 +65,18 @@ def evaluate(
     extractor = feature_extractor_for(model)
     start = time.perf_counter()
     features = []
+    owners = []  # owners[j]: index in `kept` of the utterance features[j] is (a segment of)
     kept = []
     skipped = dict(corpus.skipped)
     for utt in utterances:
         try:
-            features.append(extractor.compute(utt.audio_filepath))
+            if utt.duration > max_segment_seconds:
+                pieces = segment_features(utt.audio_filepath, extractor.params,
+                                          max_segment_seconds)  # fmt: skip
+            else:
+                pieces = [extractor.compute(utt.audio_filepath)]
+            owners.extend([len(kept)] * len(pieces))
+            features.extend(pieces)
             kept.append(utt)
         except UserError as error:
             print(f"warning: {error}", file=sys.stderr, flush=True)
@@ -76,7 +93,10 @@ def evaluate(
         features, beam_size=beam_size, ctc_weight=ctc_weight, batch_size=batch_size
     )
     decode_seconds = time.perf_counter() - start
-    texts = [decoder.tokenizer.decode(h.tokens) for h in hyps]
+    pieces = [[] for _ in kept]
+    for owner, hyp in zip(owners, hyps):
+        pieces[owner].append(decoder.tokenizer.decode(hyp.tokens))
+    texts = [join_texts(p) for p in pieces]
     rates = error_rates([u.text for u in kept], texts)
     params = extractor.params
     audio_seconds = sum(len(f) for f in features) * params.hop_length / params.sample_rate

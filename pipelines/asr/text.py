@@ -68,7 +68,13 @@ def number_to_words(number: int) -> str:
 def _spell_number(match: re.Match) -> str:
     text = match.group(0)
     whole, _, fraction = text.replace(",", "").partition(".")
-    words = number_to_words(int(whole))
+    # Digit by digit from a quadrillion on (as `number_to_words`), without calling `int` on
+    # the whole string: Python refuses to convert strings of more than 4300 digits.
+    digits = "".join(str(int(d)) for d in whole).lstrip("0") or "0"
+    if len(digits) <= 15:
+        words = number_to_words(int(digits))
+    else:
+        words = " ".join(_ONES[int(d)] for d in digits)
     if fraction:
         words += " point " + " ".join(_ONES[int(d)] for d in fraction)
     return f" {words} "

@@ -4,7 +4,10 @@
 
 1. resolves the corpus (`data.path`, else the built-in espeak-ng corpus, built on first use),
    caches log-mel features (`FeatureExtractor.prepare`) and computes the normalisation
-   statistics on the training split;
+   statistics on the training split; bad entries (missing, empty, unreadable audio, empty
+   transcripts, recordings longer than the largest frame bucket) are skipped, each named in a
+   warning line, counted, and reported in one `data: ...; skipped N (reason=n, ...)` line
+   (and under `skipped` in `metrics.json`); training goes on with the rest;
 2. builds the model named by `model.architecture` with the tokenizer, feature parameters and
    statistics inside it, and compiles it with Adam and the Noam warm-up schedule;
 3. fits on bucketed batches (`ASRBatches`) with, in order: `DevEvaluation` (greedy decoding of
@@ -24,6 +27,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import keras
@@ -31,8 +35,9 @@ import numpy as np
 
 from pipelines.asr.corpus import DEFAULT_UTTERANCES
 from pipelines.asr.model import ModelConfig, NoamSchedule, build_recognizer
-from pipelines.common.callbacks import TimeBudget
+from pipelines.common.callbacks import SafeBackupAndRestore, TimeBudget
 from pipelines.common.config import config_to_dict, load_config, save_config
+from pipelines.common.scale import Distribute, Precision, set_random_seed, setup_scale
 from toolkit.errors import UserError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -106,6 +111,10 @@ class TrainConfig:
     jit_compile: str = "auto"
     tracking: str = "on"  # "on" or "off"
     tracking_uri: str | None = None
+    # "auto" (float32 on CPU, mixed_bfloat16 on GPU/TPU), "float32", "mixed_bfloat16" or
+    # "mixed_float16" (with loss scaling); see pipelines/common/scale.py.
+    precision: Precision = "auto"
+    distribute: Distribute = "none"  # or "data-parallel": every device (and host) shares a batch
 
 
 def default_config_path() -> Path:
@@ -172,19 +181,39 @@ def prepare_data(config: TrainConfig, data=None, progress: bool = True) -> Prepa
     cache = config.data.feature_cache
     cache_dir = None if cache == "off" else cache
     extractor = FeatureExtractor(FeatureParams(), cache_dir=cache_dir)
-    skipped = dict(splits["train"].skipped)
+    # Bad entries of either split are skipped and counted (each named in a warning line).
+    skipped = Counter(splits["train"].skipped) + Counter(splits["dev"].skipped)
+    # Longer than the largest bucket: never batched, and a long dev utterance would make the
+    # per-epoch decoding attend over its whole length. Dropped by the header's duration before
+    # any features are computed (a 10-minute file would cost seconds and hundreds of MB), and
+    # again by the computed frame counts below.
+    longest = max(config.data.frame_buckets)
+    params = extractor.params
+
+    def header_frames(utts):
+        return [params.num_frames(round(u.duration * params.sample_rate)) for u in utts]
+
+    train_utts, _ = _drop_too_long(train_utts, header_frames(train_utts), longest, skipped)
+    dev_utts, _ = _drop_too_long(dev_utts, header_frames(dev_utts), longest, skipped)
     if extractor.cache_dir is not None:
         # Worker processes pay a start-up cost: small corpora are faster in this process.
         workers = 0 if len(train_utts) + len(dev_utts) < 500 else None
         prepared = extractor.prepare(train_utts, workers=workers, progress=progress)
         train_utts, train_frames = prepared.utterances, prepared.num_frames
-        for key, value in prepared.skipped.items():
-            skipped[key] = skipped.get(key, 0) + value
+        skipped.update(prepared.skipped)
         prepared = extractor.prepare(dev_utts, workers=workers, progress=progress)
         dev_utts, dev_frames = prepared.utterances, prepared.num_frames
+        skipped.update(prepared.skipped)
     else:
-        train_frames = [len(extractor.compute(u.audio_filepath)) for u in train_utts]
-        dev_frames = [len(extractor.compute(u.audio_filepath)) for u in dev_utts]
+        train_utts, train_frames = _frames_uncached(extractor, train_utts, skipped)
+        dev_utts, dev_frames = _frames_uncached(extractor, dev_utts, skipped)
+    train_utts, train_frames = _drop_too_long(train_utts, train_frames, longest, skipped)
+    dev_utts, dev_frames = _drop_too_long(dev_utts, dev_frames, longest, skipped)
+    if not train_utts:
+        raise UserError(f"corpus {path} has no usable training utterances")
+    if not dev_utts:
+        raise UserError(f"corpus {path} has no usable dev utterances")
+    skipped = dict(skipped)
     stats = FeatureStats.from_features(extractor.compute(u.audio_filepath) for u in train_utts)
     return PreparedData(
         extractor=extractor,
@@ -197,6 +226,47 @@ def prepare_data(config: TrainConfig, data=None, progress: bool = True) -> Prepa
         skipped=skipped,
         source=str(path),
     )
+
+
+def _frames_uncached(extractor, utterances, skipped):
+    """Frame counts without a feature cache; unreadable audio is skipped and counted."""
+    kept, frames = [], []
+    for utt in utterances:
+        try:
+            frames.append(len(extractor.compute(utt.audio_filepath)))
+        except UserError as error:
+            print(f"warning: skipping {error}", file=sys.stderr, flush=True)
+            skipped["unreadable_audio"] += 1
+            continue
+        kept.append(utt)
+    return kept, frames
+
+
+def _drop_too_long(utterances, frames, longest, skipped):
+    kept = [(u, n) for u, n in zip(utterances, frames) if n <= longest]
+    for utt, n in zip(utterances, frames):
+        if n > longest:
+            print(
+                f"warning: skipping {utt.audio_filepath}: {n} frames, longer than the largest "
+                f"bucket ({longest} frames, data.frame_buckets)",
+                file=sys.stderr,
+                flush=True,
+            )
+            skipped["too_long"] += 1
+    return [u for u, _ in kept], [n for _, n in kept]
+
+
+def data_summary(prepared: PreparedData, skipped) -> str:
+    """One line: utterances used per split and the skipped entries by reason."""
+    line = (
+        f"data: {len(prepared.train)} train and {len(prepared.dev)} dev utterances from "
+        f"{prepared.source}"
+    )
+    total = sum(skipped.values())
+    if total:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items()))
+        line += f"; skipped {total} ({reasons})"
+    return line
 
 
 def make_batches(config: TrainConfig, prepared: PreparedData):
@@ -291,7 +361,10 @@ class DevEvaluation(keras.callbacks.Callback):
         if rates.cer < self.best_cer:
             self.best_cer = rates.cer
             self.best_epoch = epoch
-            self.model.save(self.out_dir / MODEL_FILENAME)
+            # Saved beside, then renamed: a kill while saving never leaves a broken model.keras.
+            partial = self.out_dir / f".{MODEL_FILENAME}.partial.keras"
+            self.model.save(partial)
+            os.replace(partial, self.out_dir / MODEL_FILENAME)
         state = {"epochs": self.history, "best_dev_cer": self.best_cer,
                  "best_epoch": self.best_epoch}
         _atomic_write_json(self.history_path, state)
@@ -343,24 +416,28 @@ def train(config: TrainConfig, data=None, out=None, callbacks=(), progress: bool
     """
     from toolkit.tracking import tracking_run
 
-    out = Path(out) if out is not None else default_out_dir()
+    scale = setup_scale(config.precision, config.distribute, config.data.batch_size)
+    out = scale.output_dir(Path(out) if out is not None else default_out_dir())
     out.mkdir(parents=True, exist_ok=True)
     config_path = save_config(config, out / CONFIG_FILENAME)
-    keras.utils.set_random_seed(config.seed)
+    set_random_seed(config.seed)
     started = time.time()
     prepared = prepare_data(config, data, progress=progress)
     batches = make_batches(config, prepared)
-    model = build_recognizer(
-        config.model,
-        tokenizer=prepared.tokenizer,
-        feature_params=prepared.extractor.params.get_config(),
-        feature_stats=prepared.stats.get_config(),
-    )
-    schedule = NoamSchedule(config.optim.peak_learning_rate, config.optim.warmup_steps)
-    optimizer = keras.optimizers.Adam(
-        learning_rate=schedule, beta_2=config.optim.beta_2, clipnorm=config.optim.clipnorm
-    )
-    model.compile(optimizer=optimizer, jit_compile=_jit(config.jit_compile))
+    print(data_summary(prepared, _merge_counts(prepared.skipped, batches.skipped)),
+          file=sys.stderr, flush=True)  # fmt: skip
+    with scale.scope():  # dtype policy, distribution strategy
+        model = build_recognizer(
+            config.model,
+            tokenizer=prepared.tokenizer,
+            feature_params=prepared.extractor.params.get_config(),
+            feature_stats=prepared.stats.get_config(),
+        )
+        schedule = NoamSchedule(config.optim.peak_learning_rate, config.optim.warmup_steps)
+        optimizer = keras.optimizers.Adam(
+            learning_rate=schedule, beta_2=config.optim.beta_2, clipnorm=config.optim.clipnorm
+        )
+        model.compile(optimizer=optimizer, jit_compile=_jit(config.jit_compile))
     dev_features = [prepared.extractor.compute(u.audio_filepath) for u in prepared.dev]
     dev_texts = [u.text for u in prepared.dev]
     evaluation = DevEvaluation(dev_features, dev_texts, out, config.decode.batch_size)
@@ -380,12 +457,13 @@ def train(config: TrainConfig, data=None, out=None, callbacks=(), progress: bool
         config=config_to_dict(config),
         out_dir=out,
         tracking_uri=config.tracking_uri,
-        enabled=config.tracking,
+        enabled=scale.tracking(config.tracking),
         config_path=config_path,
         run_name=None,
     ) as tracker:
         example = {k: v[:1] for k, v in model.dummy_inputs().items()}
         fit_callbacks = [
+            scale.callback(),  # first: `loader_share` in the logs the others see
             evaluation,
             tracker.callback(image_fn=images, input_example=example),
             keras.callbacks.EarlyStopping(
@@ -394,11 +472,13 @@ def train(config: TrainConfig, data=None, out=None, callbacks=(), progress: bool
         ]
         if budget is not None:
             fit_callbacks.append(budget)
-        fit_callbacks.append(keras.callbacks.BackupAndRestore(str(out / "backup")))
+        # Last of the pipeline's callbacks: it saves the state the others leave behind.
+        backup = SafeBackupAndRestore(out / "backup", callbacks=fit_callbacks)
+        fit_callbacks.append(backup)
         fit_callbacks.extend(callbacks)
         fit_start = time.perf_counter()
         model.fit(
-            batches,
+            scale.batches(batches),
             epochs=config.optim.epochs,
             shuffle=False,
             callbacks=fit_callbacks,
@@ -406,12 +486,21 @@ def train(config: TrainConfig, data=None, out=None, callbacks=(), progress: bool
         )
         fit_seconds = time.perf_counter() - fit_start
         metrics = _summary(config, prepared, batches, model, evaluation, fit_seconds, started)
+        metrics.update(scale.summary())
         _atomic_write_json(out / METRICS_FILENAME, metrics)
         if tracker.enabled:
             tracker.log_metrics(
                 {"best_dev_cer": metrics["best_dev_cer"], "best_dev_wer": metrics["best_dev_wer"]}
             )
+    backup.delete()  # kept until now: a kill after `fit` resumes without training
     return metrics
+
+
+def _merge_counts(*counts) -> dict:
+    total = Counter()
+    for count in counts:
+        total.update(count)
+    return dict(total)
 
 
 def _summary(config, prepared, batches, model, evaluation, fit_seconds, started):
@@ -426,7 +515,7 @@ def _summary(config, prepared, batches, model, evaluation, fit_seconds, started)
         "epochs": history,
         "train_utterances": len(prepared.train),
         "dev_utterances": len(prepared.dev),
-        "skipped": {**prepared.skipped, **dict(batches.skipped)},
+        "skipped": _merge_counts(prepared.skipped, batches.skipped),
         "train_utterances_per_second": utterances / train_seconds if train_seconds else None,
         "parameters": int(model.count_params()),
         "architecture": config.model.architecture,

@@ -1,9 +1,11 @@
 """Loading a trained recognizer and turning audio files into text.
 
 `transcribe_files` prints one line per file, `path<TAB>text` (or, with `json_output`, one JSON
-object per line with `path`, `text`, `seconds` (audio duration) and `decode_seconds`). A file that
-is missing, empty or not audio gets one `error: ...` line on stderr naming it; the other files are
-still transcribed and the exit code is then 2.
+object per line with `path`, `text`, `seconds` (audio duration), `decode_seconds` and `segments`).
+A file that is missing, empty or not audio gets one `error: ...` line on stderr naming it; the
+other files are still transcribed and the exit code is then 2. Recordings longer than
+`max_segment_seconds` are split at pauses and decoded in batches of segments
+(`pipelines.asr.segment`), so a 10-minute file needs no more memory than a 10-second one.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from pipelines.asr.segment import DEFAULT_MAX_SECONDS
 from toolkit.errors import UserError
 
 DEFAULT_RUNS_DIR = Path("runs") / "asr"
@@ -47,20 +50,14 @@ def load_recognizer(path: str | Path | None = None, runs_dir: str | Path = DEFAU
     Raises:
         UserError: the file is missing or is not a recognizer saved by this pipeline.
     """
-    import keras
-
     import pipelines.asr.model  # noqa: F401  (registers the model classes)
+    from pipelines.common.model_files import load_model_file
 
     path = find_latest_model(runs_dir) if path is None else Path(path)
     if path.is_dir():
         path = path / MODEL_FILENAME
-    if not path.is_file():
-        raise UserError(f"model file {path} does not exist")
-    try:
-        model = keras.saving.load_model(path, safe_mode=True)
-    except Exception as error:  # corrupt zip, foreign model, unsafe content
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{path}: cannot load the model ({reason[:200]})") from None
+    # Missing, not a zip, truncated, Lambda layers, unknown classes: one line each.
+    model = load_model_file(path, what="model", compile=True)
     if not hasattr(model, "decoder_step") or not hasattr(model, "get_tokenizer"):
         raise UserError(f"{path}: not a speech recognizer saved by `python -m pipelines.asr train`")
     return model
@@ -92,14 +89,19 @@ def transcribe_files(
     audio_paths,
     model_path=None,
     beam_size: int = 4,
-    ctc_weight: float = 0.3,
+    ctc_weight: float = 0.5,
     json_output: bool = False,
     alignment_dir=None,
     runs_dir=DEFAULT_RUNS_DIR,
     stdout=None,
     stderr=None,
+    max_segment_seconds: float = DEFAULT_MAX_SECONDS,
 ) -> int:
     """Transcribe audio files, one output line each.
+
+    A file longer than `max_segment_seconds` is transcribed in segments cut at low-energy points
+    (`pipelines.asr.segment`), with bounded memory; its text is the segments' texts in order,
+    and `--alignment-png` saves one plot per segment (`<stem>.seg001.png`, ...).
 
     Returns:
         0 when every file was transcribed, 2 when some could not be read (each named on stderr).
@@ -108,7 +110,12 @@ def transcribe_files(
         UserError: no usable model.
     """
     from pipelines.asr.decode import Decoder
+    from pipelines.asr.segment import audio_seconds, transcribe_long
 
+    if not max_segment_seconds > 0:
+        raise UserError(
+            f"--max-segment-seconds must be positive. Received: {max_segment_seconds}"
+        )
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     model = load_recognizer(model_path, runs_dir)
@@ -119,7 +126,14 @@ def transcribe_files(
     status = 0
     for path in audio_paths:
         try:
-            features = extractor.compute(path)
+            long = audio_seconds(path) > max_segment_seconds
+            if long:
+                result = transcribe_long(
+                    path, extractor, decoder, beam_size=beam_size, ctc_weight=ctc_weight,
+                    max_seconds=max_segment_seconds, return_alignment=alignment_dir is not None,
+                )  # fmt: skip
+            else:
+                features = extractor.compute(path)
         except UserError as error:
             print(f"error: {error}", file=stderr, flush=True)
             status = 2
@@ -129,24 +143,38 @@ def transcribe_files(
                   flush=True)
             status = 2
             continue
-        start = time.perf_counter()
-        hyp = decoder.decode(
-            [features],
-            beam_size=beam_size,
-            ctc_weight=ctc_weight,
-            return_alignment=alignment_dir is not None,
-        )[0]
-        elapsed = time.perf_counter() - start
-        text = decoder.tokenizer.decode(hyp.tokens)
-        if alignment_dir is not None and hyp.alignment is not None:
+        if long:
+            text, seconds, elapsed = result.text, result.seconds, result.decode_seconds
+            segments = len(result.segments)
+            plots = [
+                (alignment, piece, f"{Path(path).stem}.seg{k + 1:03d}.png",
+                 f"Alignment: {Path(path).name}, segment {k + 1} of {segments}")
+                for k, (alignment, piece) in enumerate(zip(result.alignments or [], result.texts))
+            ]  # fmt: skip
+        else:
+            start = time.perf_counter()
+            hyp = decoder.decode(
+                [features],
+                beam_size=beam_size,
+                ctc_weight=ctc_weight,
+                return_alignment=alignment_dir is not None,
+            )[0]
+            elapsed = time.perf_counter() - start
+            text = decoder.tokenizer.decode(hyp.tokens)
+            seconds = len(features) * hop / sample_rate
+            segments = 1
+            plots = [(hyp.alignment, text, f"{Path(path).stem}.png",
+                      f"Alignment: {Path(path).name}")]  # fmt: skip
+        if alignment_dir is not None:
             folder = Path(alignment_dir)
             folder.mkdir(parents=True, exist_ok=True)
-            figure = alignment_figure(hyp.alignment, text, f"Alignment: {Path(path).name}")
-            figure.savefig(folder / f"{Path(path).stem}.png", dpi=100, bbox_inches="tight")
-        seconds = len(features) * hop / sample_rate
+            for alignment, piece, name, title in plots:
+                if alignment is not None:
+                    figure = alignment_figure(alignment, piece, title)
+                    figure.savefig(folder / name, dpi=100, bbox_inches="tight")
         if json_output:
             line = json.dumps({"path": str(path), "text": text, "seconds": round(seconds, 3),
-                               "decode_seconds": round(elapsed, 4)})
+                               "decode_seconds": round(elapsed, 4), "segments": segments})
         else:
             line = f"{path}\t{text}"
         print(line, file=stdout, flush=True)

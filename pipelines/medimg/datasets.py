@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import warnings
 from collections import defaultdict
@@ -255,7 +256,9 @@ def read_csv_datalist(path: str | Path, strict: bool = False, warn: bool = True)
         raise UserError(f"datalist {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"cannot read datalist {path}: {error}") from None
-    reader = csv.DictReader(text.splitlines())
+    # A file-like reader, not text.splitlines(): that also splits at U+2028, U+0085 and other
+    # separators a quoted field (a file name) may hold; csv handles line ends itself.
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     columns = [c.strip().lower() for c in (reader.fieldnames or [])]
     if not columns:
         raise UserError(

@@ -129,14 +129,24 @@ def _human_bytes(n: float) -> str:
     return f"{n} bytes"  # pragma: no cover
 
 
-def _sniff_other_format(path: Path, head: bytes, gzipped: bool) -> str:
+_NOT_NIFTI = "is not a NIfTI file (no NIfTI-1 or NIfTI-2 header found)"
+
+
+def _sniff_other_format(path: Path, head: bytes, gzipped: bool) -> str | None:
+    """The reason to give for a file of another known format, or None."""
     if len(head) >= 132 and head[128:132] == b"DICM":
         return "is a DICOM file, not NIfTI (convert it with dcm2niix)"
     if head[:4] == b"NRRD":
         return "is an NRRD file, not NIfTI"
+    if head[:4] in (b"CDF\x01", b"CDF\x02"):
+        return "is a MINC-1 (NetCDF) file, not NIfTI (convert it with mnc2nii)"
+    if head[:8] == b"\x89HDF\r\n\x1a\n":
+        return "is an HDF5 file (MINC-2?), not NIfTI (convert it with mnc2nii)"
+    if head[:7] == b"MATRIX7":
+        return "is an ECAT 7 PET file, not NIfTI"
     if len(head) >= 4 and int.from_bytes(head[:4], "big") == 1 and gzipped:
         return "looks like a FreeSurfer MGH/MGZ volume, not NIfTI (convert it with mri_convert)"
-    return "is not a NIfTI file (no NIfTI-1 or NIfTI-2 header found)"
+    return None
 
 
 def read_header(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> HeaderInfo:
@@ -180,7 +190,7 @@ def read_header(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Heade
             raise _fail(path, f"is truncated: only {len(block)} bytes, less than a NIfTI header")
         if len(block) >= 4 and int.from_bytes(block[:4], "big") in (348, 540):
             raise _fail(path, f"is truncated: only {len(block)} bytes, less than a NIfTI header")
-        raise _fail(path, _sniff_other_format(path, block, gzipped))
+        raise _fail(path, _sniff_other_format(path, block, gzipped) or _NOT_NIFTI)
 
     klass = endianness = None
     for order, code in (("little", "<"), ("big", ">")):
@@ -196,13 +206,17 @@ def read_header(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Heade
         if klass is not None:
             break
     if klass is None:
+        # Other formats first: a DICOM preamble is free-form and may well start with 348.
+        other = _sniff_other_format(path, block, gzipped)
+        if other is not None:
+            raise _fail(path, other)
         if int.from_bytes(block[:4], "little") == 348 or int.from_bytes(block[:4], "big") == 348:
             raise _fail(
                 path,
                 "is an ANALYZE 7.5 header or a NIfTI header with a bad magic string, not a "
                 "single-file NIfTI",
             )
-        raise _fail(path, _sniff_other_format(path, block, gzipped))
+        raise _fail(path, _NOT_NIFTI)
     if magic.startswith(b"ni"):
         raise _fail(
             path,
@@ -231,6 +245,15 @@ def read_header(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Heade
             f"has unsupported data type {header.get_value_label('datatype')} "
             "(only real-valued scalar images are supported)",
         )
+    if int(header["sform_code"]) == 0:
+        # Without an sform the voxel sizes come from pixdim; nibabel would silently make zeros 1 mm.
+        sizes = [float(v) for v in header["pixdim"][1 : min(ndim, 3) + 1]]
+        if not all(math.isfinite(v) and v != 0 for v in sizes):
+            raise _fail(
+                path,
+                f"has no sform and voxel sizes {sizes} in pixdim: zero or non-finite voxel sizes "
+                "leave the scan's geometry unknown",
+            )
     vox_offset = int(header["vox_offset"])
     if vox_offset < 0:
         raise _fail(path, f"has an invalid header: negative vox_offset {vox_offset}")
@@ -325,6 +348,21 @@ def _read_float32(image, index) -> np.ndarray:
     return data
 
 
+def _check_gzip_end(path: Path, fileobj) -> None:
+    """Read a gzip stream to its end, so that its CRC-32 and length are checked.
+
+    nibabel stops reading at the last voxel, before the gzip trailer: a corrupted byte inside
+    the deflate stream would otherwise give garbage voxels without any error.
+    """
+    try:
+        while fileobj.read(1 << 16):
+            pass
+    except gzip.BadGzipFile as error:
+        raise _fail(path, f"is corrupt: the gzip data fails its integrity check ({error})") from None
+    except (EOFError, zlib.error) as error:
+        raise _fail(path, f"is truncated or corrupt: the gzip data ends early ({error})") from None
+
+
 def load_scan(
     path: str | Path,
     volume: int | None = None,
@@ -368,6 +406,8 @@ def load_scan(
             index = (slice(None),) * 3 + (used or 0,) + (0,) * (ndim - 4) if ndim >= 4 else ()
             data = _read_float32(image, index)
             header = image.header.copy()
+            if info.gzipped:
+                _check_gzip_end(path, fileobj)
     except UserError:
         raise
     except MemoryError:

@@ -50,20 +50,13 @@ def find_latest_model(runs_dir=DEFAULT_RUNS_DIR) -> Path:
 
 
 def load_model(path):
-    """Load a `model.keras` written by `train` (safe mode, no custom objects needed)."""
-    import keras
-
+    """Load a `model.keras` written by `train` (`common.model_files`: safe mode, checked first)."""
     import pipelines.medimg.model  # noqa: F401 - registers ScanPreprocessing
     import toolkit.layers  # noqa: F401 - registers the attention layers
+    from pipelines.common.model_files import load_model_file
 
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"model file {path} does not exist")
-    try:
-        model = keras.saving.load_model(path, safe_mode=True, compile=False)
-    except Exception as error:  # noqa: BLE001 - any unreadable model file is the user's
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{path}: cannot load the model ({message})") from None
+    model = load_model_file(path, what="model", compile=False)
     from pipelines.medimg.model import model_metadata
 
     try:
@@ -190,6 +183,12 @@ def _save_png(scan, heatmap, path, name, probability, label_name, method):
     from toolkit.interpret import plot_volume_overlay
 
     (image, heat), spacing = _canonical(scan, [scan.data, heatmap])
+    if min(image.shape) == 1:
+        # A single slice (2D file) or line: draw the one plane of its two largest axes.
+        axes = sorted(int(a) for a in np.argsort(image.shape, kind="stable")[-2:])
+        other = next(a for a in range(3) if a not in axes)
+        image, heat = np.take(image, 0, axis=other), np.take(heat, 0, axis=other)
+        spacing = tuple(spacing[a] for a in axes)
     title = f"{name}: {label_name}, p(lesion) = {probability:.3f} ({method} heatmap)"
     figure = plot_volume_overlay(image, heat, path=path, title=title, spacing=spacing)
     figure.clear()

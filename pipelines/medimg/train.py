@@ -41,10 +41,11 @@ import keras
 import numpy as np
 import scipy.ndimage
 
-from pipelines.common.callbacks import TimeBudget
+from pipelines.common.callbacks import SafeBackupAndRestore, TimeBudget
 from pipelines.common.config import config_to_dict, load_config, save_config
 from pipelines.common.paths import toolkit_home
 from pipelines.common.progress import progress_bar
+from pipelines.common.scale import Distribute, Precision, set_random_seed, setup_scale
 from pipelines.medimg.model import ModelConfig, build_model, model_metadata
 from pipelines.medimg.preprocess import PreprocessConfig
 from toolkit.errors import UserError
@@ -171,6 +172,10 @@ class TrainConfig:
     jit_compile: str = "auto"  # "auto" (off on TensorFlow, on for JAX), "true" or "false"
     tracking: str = "on"  # "on" or "off"
     tracking_uri: str | None = None
+    # "auto" (float32 on CPU, mixed_bfloat16 on GPU/TPU), "float32", "mixed_bfloat16" or
+    # "mixed_float16" (with loss scaling); see pipelines/common/scale.py.
+    precision: Precision = "auto"
+    distribute: Distribute = "none"  # or "data-parallel": every device (and host) shares a batch
 
 
 def default_config_path() -> Path:
@@ -503,6 +508,7 @@ class ValidationMonitor(keras.callbacks.Callback):
             "val_pointing_game": logs.get("val_pointing_game"),
             "seconds": time.perf_counter() - (self._epoch_start or time.perf_counter()),
             "train_seconds": train_seconds,
+            "loader_share": logs.get("loader_share"),
         }
         self.state["history"] = [h for h in self.state["history"] if h["epoch"] != epoch]
         self.state["history"].append(entry)
@@ -558,16 +564,18 @@ def train(
     from toolkit.tracking import data_fingerprint, tracking_run
 
     started = time.time()
-    out = Path(out) if out is not None else default_out_dir()
+    scale = setup_scale(config.precision, config.distribute, config.data.batch_size)
+    out = scale.output_dir(Path(out) if out is not None else default_out_dir())
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UserError(f"cannot create the output folder {out}: {error.strerror}") from None
     config_path = save_config(config, out / CONFIG_FILENAME)
-    keras.utils.set_random_seed(config.seed)
+    set_random_seed(config.seed)
 
     datalist_path = resolve_datalist(config, data, progress=progress)
-    datalist = read_datalist(datalist_path, seed=config.seed)
+    # warn=False: every skipped row is printed below as one "warning:" line, with the others.
+    datalist = read_datalist(datalist_path, seed=config.seed, warn=False)
     skipped = list(datalist.skipped)
     cache = _cache_dir(config.data.cache)
     splits, volumes = {}, {}
@@ -601,14 +609,15 @@ def train(
         "heatmap_methods": list(config.evaluation.heatmap_methods),
         "backend": keras.backend.backend(),
     }
-    model = (model_fn or build_model)(config.model, config.preprocess, metadata=metadata)
-    model.compile(
-        optimizer=keras.optimizers.AdamW(
-            learning_rate=config.optim.learning_rate, weight_decay=config.optim.weight_decay
-        ),
-        loss=keras.losses.BinaryCrossentropy(),
-        jit_compile=resolve_jit(config.jit_compile),
-    )
+    with scale.scope():  # dtype policy, distribution strategy
+        model = (model_fn or build_model)(config.model, config.preprocess, metadata=metadata)
+        model.compile(
+            optimizer=keras.optimizers.AdamW(
+                learning_rate=config.optim.learning_rate, weight_decay=config.optim.weight_decay
+            ),
+            loss=keras.losses.BinaryCrossentropy(),
+            jit_compile=resolve_jit(config.jit_compile),
+        )
     weights = class_weights(volumes["train"].labels) if config.optim.class_weights else None
     batches = VolumeBatches(
         volumes["train"],
@@ -631,12 +640,13 @@ def train(
         config=config_to_dict(config),
         out_dir=out,
         tracking_uri=config.tracking_uri,
-        enabled=config.tracking,
+        enabled=scale.tracking(config.tracking),
         config_path=config_path,
         data_fingerprint=fingerprint,
     ) as tracker:
         example = volumes["val"].images[:1].astype(np.float32)[..., None]
         fit_callbacks = [
+            scale.callback(),  # first: `loader_share` in the logs the others see
             monitor,
             tracker.callback(image_fn=monitor.example_figure, input_example=example),
             keras.callbacks.EarlyStopping(
@@ -645,11 +655,13 @@ def train(
         ]
         if budget is not None:
             fit_callbacks.append(budget)
-        fit_callbacks.append(keras.callbacks.BackupAndRestore(str(out / "backup")))
+        # Last of the pipeline's callbacks: it saves the state the others leave behind.
+        backup = SafeBackupAndRestore(out / "backup", callbacks=fit_callbacks)
+        fit_callbacks.append(backup)
         fit_callbacks.extend(callbacks)
         fit_start = time.perf_counter()
         model.fit(
-            batches,
+            scale.batches(batches),
             epochs=config.optim.epochs,
             callbacks=fit_callbacks,
             verbose=1 if progress else 2,
@@ -671,6 +683,8 @@ def train(
             batch_size=config.data.batch_size,
             progress=progress,
         )
+        for line in evaluation.get("skipped", []):  # bad test-split rows, found only now
+            print(f"warning: {line}", file=sys.stderr)
         skipped.extend(evaluation.get("skipped", []))
         roc = roc_figure(evaluation, title=f"ROC on the {test_name} split")
         confusion = confusion_figure(evaluation, title=f"Confusion matrix ({test_name} split)")
@@ -702,6 +716,7 @@ def train(
             "datalist": str(datalist_path),
             "elapsed_seconds": time.time() - started,
             "out": str(out),
+            **scale.summary(),
         }
         _atomic_write_json(out / METRICS_FILENAME, metrics)
         summary = {
@@ -710,4 +725,5 @@ def train(
             if isinstance(evaluation.get(key), (int, float)) and not math.isnan(evaluation[key])
         }
         tracker.log_metrics(summary)
+    backup.delete()  # kept until now: a kill after `fit` resumes without training
     return metrics

@@ -137,7 +137,9 @@ class Tracker:
         system_metrics_interval: float. Seconds between samples. Defaults to `10.0`.
         check_timeout: float. Seconds to wait for a tracking server to answer. Defaults to `5.0`.
         handle_sigterm: bool. While the run is open (main thread only), turn SIGTERM into
-            `KeyboardInterrupt` so the run ends as KILLED. Defaults to `True`.
+            `KeyboardInterrupt` so the run ends as KILLED, unless a Python handler is already
+            installed for SIGTERM (the pipelines' CLI installs one that raises). Defaults to
+            `True`.
     """
 
     def __init__(
@@ -233,8 +235,11 @@ class Tracker:
 
         self._set_global_uris()
         try:
-            self._client = mlflow.MlflowClient(self.tracking_uri, self._registry_uri())
-            self.experiment_id = self._experiment_id()
+            with store.creation_lock(self.tracking_uri):
+                self._client = mlflow.MlflowClient(self.tracking_uri, self._registry_uri())
+                self.experiment_id = self._experiment_id()  # creates the tracking tables
+                if store.sqlite_path(self._registry_uri()) is not None:
+                    self._client.search_registered_models(max_results=1)  # registry tables
             previous = self._previous_run()
             if previous is not None:
                 mlflow.start_run(run_id=previous, log_system_metrics=False)
@@ -456,6 +461,8 @@ class Tracker:
     def _install_sigterm(self):
         if not self.handle_sigterm or threading.current_thread() is not threading.main_thread():
             return
+        if callable(signal.getsignal(signal.SIGTERM)):
+            return  # a handler of the caller's (the pipelines' CLI) already raises
 
         def interrupt(signum, frame):
             raise KeyboardInterrupt(f"signal {signum}")

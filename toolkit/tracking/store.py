@@ -14,6 +14,7 @@ Nothing here imports MLflow, so `import toolkit` stays fast.
 """
 
 import base64
+import contextlib
 import json
 import os
 import urllib.error
@@ -22,6 +23,11 @@ import urllib.request
 from pathlib import Path
 
 from toolkit.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows has no flock; stores are then not locked
+    fcntl = None
 
 HOME_ENV = "ATTENTION_TOOLKIT_HOME"
 DB_FILENAME = "mlflow.db"
@@ -195,3 +201,30 @@ def check_tracking_uri(uri, timeout=5.0):
             ) from None
         if not os.access(folder, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
             raise UserError(f"the tracking store {uri} is not writable")
+
+
+@contextlib.contextmanager
+def creation_lock(uri):
+    """Holds an exclusive lock on `<db>.lock` beside a SQLite store (no-op for other URIs).
+
+    MLflow creates and migrates a SQLite store's tables on first use without a lock (its
+    tracking and model registry stores call `_initialize_tables` directly), so two trainings
+    starting together on a new store fail with `table alembic_version already exists` or
+    `duplicate column name`. Opening the stores while holding this lock makes the second
+    process wait until the first has created the tables; it then only checks them.
+
+    Args:
+        uri: str. A resolved tracking or registry URI.
+    """
+    db = sqlite_path(uri)
+    if db is None or fcntl is None:
+        yield
+        return
+    lock_path = db.absolute().parent / (db.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 import tracemalloc
 from pathlib import Path
 
@@ -274,3 +275,38 @@ def test_save_nifti_copies_the_reference_geometry(tmp_path, volume):
     np.testing.assert_allclose(saved.get_fdata(), heat, rtol=1e-6)
     with pytest.raises(ValueError, match="does not match"):
         save_nifti(tmp_path / "bad.nii.gz", heat[:-1], reference=scan)
+
+
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("0.dcm", "is a DICOM file"),  # its free-form preamble starts with the number 348
+        ("tiny.mnc", "is a MINC-1 (NetCDF) file"),
+        ("minc2_4d.mnc", "is an HDF5 file (MINC-2?)"),
+        ("tinypet.v", "is an ECAT 7 PET file"),
+    ],
+)
+def test_other_medical_formats_shipped_by_nibabel_are_named(name, reason):
+    path = Path(nib.__file__).parent / "tests" / "data" / name
+    if not path.is_file():
+        pytest.skip(f"this nibabel version does not ship {name}")
+    with pytest.raises(UserError, match=re.escape(f"{path}: {reason}")):
+        load_scan(path)
+
+
+def test_a_corrupted_byte_inside_a_gzip_stream_is_caught_by_its_checksum(tmp_path, volume):
+    compressed = bytearray(gzip.compress(write(tmp_path / "a.nii", volume).read_bytes()))
+    compressed[len(compressed) // 2] ^= 0xFF
+    path = tmp_path / "bitflip.nii.gz"
+    path.write_bytes(bytes(compressed))
+    # Without reading to the gzip trailer, this decodes to garbage voxels and no error.
+    with pytest.raises(UserError, match="corrupt"):
+        load_scan(path)
+
+
+def test_zero_voxel_sizes_without_an_sform_are_refused_not_guessed(tmp_path, volume):
+    image = nib.Nifti1Image(volume, None)  # no sform: the geometry comes from pixdim
+    image.header["pixdim"][1:4] = [2.0, 0.0, 2.0]
+    nib.save(image, str(tmp_path / "flat.nii"))
+    with pytest.raises(UserError, match=r"voxel sizes \[2.0, 0.0, 2.0\]"):
+        load_scan(tmp_path / "flat.nii")

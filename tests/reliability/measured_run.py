@@ -1,8 +1,11 @@
 """Running a pipeline command in a child process and measuring its peak memory.
 
 `run_measured` starts `python -m <module> ...` from the repository root, waits for it with
-`os.wait4` (which returns the resource usage of that one child, so earlier children of the test
-process do not count) and returns its exit code, output, wall time and peak resident memory.
+`os.wait4` (the CPU time of that one child) and returns its exit code, output, wall time and
+peak resident memory. On Linux the peak is the child's own `VmHWM` (read from
+`/proc/<pid>/status` every 20 ms while it runs): `ru_maxrss` would not do, because Linux carries
+the parent's resident size at fork time over `execve`, so a child of a 3 GB pytest worker reports
+at least 3 GB whatever it uses.
 """
 
 from __future__ import annotations
@@ -38,6 +41,32 @@ class Finished:
         return [line for line in self.stderr.splitlines() if line.startswith("error: ")]
 
 
+class _PeakWatcher(threading.Thread):
+    """Polls a child's `VmHWM` (its own peak resident size, in bytes) until stopped."""
+
+    def __init__(self, pid: int, interval: float = 0.02):
+        super().__init__(daemon=True)
+        self.path = Path(f"/proc/{pid}/status")
+        self.interval = interval
+        self.peak = 0
+        self._done = threading.Event()
+
+    def run(self):
+        while not self._done.is_set():
+            try:
+                for line in self.path.read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        self.peak = max(self.peak, int(line.split()[1]) * 1024)
+                        break
+            except (OSError, ValueError):
+                pass  # not started yet, or already gone
+            self._done.wait(self.interval)
+
+    def stop(self):
+        self._done.set()
+        self.join()
+
+
 def child_env(home: Path) -> dict[str, str]:
     """The test's environment (same Keras backend) with the toolkit's data folder in `home`."""
     env = dict(os.environ)
@@ -65,10 +94,13 @@ def run_measured(module: str, arguments, env, cwd=None, timeout: float = 900) ->
         )
         timer = threading.Timer(timeout, process.kill)
         timer.start()
+        watcher = _PeakWatcher(process.pid)
+        watcher.start()
         try:
             _, status, usage = os.wait4(process.pid, 0)
         finally:
             timer.cancel()
+            watcher.stop()
         seconds = time.perf_counter() - start
         process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
         out.seek(0)
@@ -77,6 +109,8 @@ def run_measured(module: str, arguments, env, cwd=None, timeout: float = 900) ->
         stderr = err.read().decode("utf-8", "replace")
     # ru_maxrss is in kilobytes on Linux, in bytes on macOS.
     peak = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
+    if watcher.peak:
+        peak = watcher.peak
     if process.returncode < 0:
         stderr += f"\n[killed by signal {-process.returncode} after {seconds:.0f} s]"
     cpu = usage.ru_utime + usage.ru_stime

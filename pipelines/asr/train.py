@@ -37,7 +37,7 @@ from pipelines.asr.corpus import DEFAULT_UTTERANCES
 from pipelines.asr.model import ModelConfig, NoamSchedule, build_recognizer
 from pipelines.common.callbacks import SafeBackupAndRestore, TimeBudget
 from pipelines.common.config import config_to_dict, load_config, save_config
-from pipelines.common.scale import Distribute, Precision, set_random_seed, setup_scale
+from pipelines.common.scale import Distribute, Precision, setup_scale
 from toolkit.errors import UserError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -420,7 +420,7 @@ def train(config: TrainConfig, data=None, out=None, callbacks=(), progress: bool
     out = scale.output_dir(Path(out) if out is not None else default_out_dir())
     out.mkdir(parents=True, exist_ok=True)
     config_path = save_config(config, out / CONFIG_FILENAME)
-    set_random_seed(config.seed)
+    keras.utils.set_random_seed(config.seed)
     started = time.time()
     prepared = prepare_data(config, data, progress=progress)
     batches = make_batches(config, prepared)
@@ -465,7 +465,7 @@ def train(config: TrainConfig, data=None, out=None, callbacks=(), progress: bool
         fit_callbacks = [
             scale.callback(),  # first: `loader_share` in the logs the others see
             evaluation,
-            tracker.callback(image_fn=images, input_example=example),
+            scale.chief_callback(tracker.callback(image_fn=images, input_example=example)),
             keras.callbacks.EarlyStopping(
                 monitor="dev_cer", mode="min", patience=config.optim.patience
             ),

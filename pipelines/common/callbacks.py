@@ -20,6 +20,8 @@ class TimeBudget(keras.callbacks.Callback):
     """Stops training once `max_minutes` of wall time have passed since `fit` began.
 
     Checked after every batch; `stopped` tells afterwards whether the budget ended training.
+    In a multi-process (multi-host) run, process 0's clock decides for all processes, so they
+    stop after the same step.
     """
 
     def __init__(self, max_minutes: float):
@@ -32,7 +34,9 @@ class TimeBudget(keras.callbacks.Callback):
         self.start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
-        if time.perf_counter() - self.start > self.max_seconds:
+        from pipelines.common.scale import agree_with_process_0
+
+        if agree_with_process_0(time.perf_counter() - self.start > self.max_seconds):
             self.model.stop_training = True
             self.stopped = True
 

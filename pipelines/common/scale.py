@@ -59,7 +59,6 @@ import contextlib
 import dataclasses
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -77,13 +76,15 @@ __all__ = [
     "Distribute",
     "Precision",
     "LoaderTiming",
+    "ProcessLocalCallback",
     "Scale",
     "TimedBatches",
     "accelerator",
+    "agree_with_process_0",
     "initialize_multihost",
     "resolve_precision",
-    "set_random_seed",
     "setup_scale",
+    "without_distribution",
 ]
 
 # Types of the pipelines' `precision` and `distribute` configuration keys.
@@ -130,30 +131,6 @@ def resolve_precision(precision: str) -> str:
     if precision == "auto":
         return "float32" if accelerator() == "cpu" else "mixed_bfloat16"
     return precision
-
-
-def set_random_seed(seed: int) -> None:
-    """`keras.utils.set_random_seed(seed)`, without importing TensorFlow under other backends.
-
-    Keras seeds TensorFlow whenever it is installed (for `tf.data` pipelines), which imports it
-    (seconds, and a GPU runtime) even when training with JAX; the pipelines use no `tf.data`.
-    """
-    if keras.backend.backend() == "tensorflow" or "tensorflow" in sys.modules:
-        keras.utils.set_random_seed(seed)
-        return
-    try:
-        from keras.src.utils import module_utils
-
-        lazy = module_utils.tensorflow
-        saved = lazy._available
-    except (ImportError, AttributeError):  # another Keras layout: seed TensorFlow too
-        keras.utils.set_random_seed(seed)
-        return
-    lazy._available = False
-    try:
-        keras.utils.set_random_seed(seed)
-    finally:
-        lazy._available = saved
 
 
 def _env_int(name: str) -> int | None:
@@ -270,6 +247,17 @@ class Scale:
         """The callback adding `loader_share` to each epoch's logs (put it first)."""
         return self.timing
 
+    def chief_callback(self, callback):
+        """`callback` made safe for work that only process 0 does (MLflow logging).
+
+        With several processes, every variable Keras creates under the global distribution is
+        checked across processes (a collective), and `model.save` creates one (a reference
+        optimizer): process 0 saving alone would wait for the others forever. The returned
+        callback runs `callback`'s hooks with the distribution unset; with one process it is
+        `callback` itself.
+        """
+        return callback if self.num_processes == 1 else ProcessLocalCallback(callback)
+
     def output_dir(self, out) -> Path:
         """`out` on process 0; a private temporary folder (removed at exit) elsewhere."""
         if self.is_chief:
@@ -361,6 +349,68 @@ def _check_batch(batch_size, replicas, key):
             f"{key}={batch_size} must be a multiple of the {replicas} devices that "
             f"distribute=data-parallel uses (e.g. {key}={replicas * max(1, batch_size // replicas)})"
         )
+
+
+def agree_with_process_0(flag: bool) -> bool:
+    """`flag` as process 0 sees it (every process must call this at the same point).
+
+    Decisions that end training (a time budget) must be the same on every process of a
+    multi-process run, or the others wait forever for the one that stopped. One process:
+    `flag` itself.
+    """
+    if keras.backend.backend() != "jax":
+        return bool(flag)
+    import jax
+
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    with without_distribution():
+        return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(flag))))
+
+
+@contextlib.contextmanager
+def without_distribution():
+    """Unset Keras' global distribution inside the block (variables stay on this process)."""
+    previous = keras.distribution.distribution()
+    if previous is None:
+        yield
+        return
+    keras.distribution.set_distribution(None)
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(previous)
+
+
+class ProcessLocalCallback(keras.callbacks.Callback):
+    """Runs another callback's hooks without Keras' global distribution (`without_distribution`)."""
+
+    def __init__(self, callback):
+        super().__init__()
+        self.callback = callback
+
+    def set_model(self, model):
+        super().set_model(model)
+        self.callback.set_model(model)
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.callback.set_params(params)
+
+
+def _forward(name):
+    def hook(self, *args, **kwargs):
+        with without_distribution():
+            return getattr(self.callback, name)(*args, **kwargs)
+
+    hook.__name__ = name
+    return hook
+
+
+for _name in [n for n in dir(keras.callbacks.Callback) if n.startswith("on_")]:
+    setattr(ProcessLocalCallback, _name, _forward(_name))
 
 
 class LoaderTiming(keras.callbacks.Callback):

@@ -360,11 +360,12 @@ class _Injected:
 
         def call(*args, **kwargs):
             output = original(*args, **kwargs)
+            # In the activation's dtype: float16/bfloat16 under mixed precision.
             if isinstance(output, (list, tuple)):
                 self.activation = output[0]
-                return (output[0] + self.delta, *output[1:])
+                return (output[0] + keras.ops.cast(self.delta, output[0].dtype), *output[1:])
             self.activation = output
-            return output + self.delta
+            return output + keras.ops.cast(self.delta, output.dtype)
 
         object.__setattr__(self.layer, "call", call)
         return self

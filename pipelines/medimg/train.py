@@ -45,7 +45,7 @@ from pipelines.common.callbacks import SafeBackupAndRestore, TimeBudget
 from pipelines.common.config import config_to_dict, load_config, save_config
 from pipelines.common.paths import toolkit_home
 from pipelines.common.progress import progress_bar
-from pipelines.common.scale import Distribute, Precision, set_random_seed, setup_scale
+from pipelines.common.scale import Distribute, Precision, setup_scale
 from pipelines.medimg.model import ModelConfig, build_model, model_metadata
 from pipelines.medimg.preprocess import PreprocessConfig
 from toolkit.errors import UserError
@@ -571,7 +571,7 @@ def train(
     except OSError as error:
         raise UserError(f"cannot create the output folder {out}: {error.strerror}") from None
     config_path = save_config(config, out / CONFIG_FILENAME)
-    set_random_seed(config.seed)
+    keras.utils.set_random_seed(config.seed)
 
     datalist_path = resolve_datalist(config, data, progress=progress)
     # warn=False: every skipped row is printed below as one "warning:" line, with the others.
@@ -648,7 +648,9 @@ def train(
         fit_callbacks = [
             scale.callback(),  # first: `loader_share` in the logs the others see
             monitor,
-            tracker.callback(image_fn=monitor.example_figure, input_example=example),
+            scale.chief_callback(
+                tracker.callback(image_fn=monitor.example_figure, input_example=example)
+            ),
             keras.callbacks.EarlyStopping(
                 monitor="val_auc", mode="max", patience=config.optim.patience
             ),

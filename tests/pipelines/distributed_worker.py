@@ -14,11 +14,11 @@ import time
 import keras
 import numpy as np
 
-from pipelines.common.scale import set_random_seed, setup_scale
+from pipelines.common.scale import setup_scale
 
 
 def _fit(scale, build, batches, epochs=2):
-    set_random_seed(0)
+    keras.utils.set_random_seed(0)
     with scale.scope():
         model = build()
     losses = []

@@ -82,6 +82,7 @@ def test_two_processes_train_together_and_only_process_0_writes(tmp_path):
             "preprocess.shape=[16,20,16]", "evaluation.heatmap_methods=[native]",
             "evaluation.bootstrap=20",
             "data.max_train_scans=7",  # batches of 4 and 3: the 3 are padded to 2 x 2
+            "optim.max_minutes=60",  # a time budget: process 0 decides for both each step
         ]  # fmt: skip
         processes.append(
             subprocess.Popen(command, cwd=work, env=env, stdout=subprocess.PIPE,

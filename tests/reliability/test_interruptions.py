@@ -262,7 +262,7 @@ def test_medimg_ctrl_c_then_sigterm_then_sigkill_then_resume(tmp_path):
     rng = random.Random(11)
     datalist = runs.build_medimg_dataset(tmp_path)
     _kill_and_resume(
-        "medimg", datalist, tmp_path, rng, [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], 6
+        "medimg", datalist, tmp_path, rng, [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], 8
     )
 
 

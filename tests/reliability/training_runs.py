@@ -155,9 +155,16 @@ def wait_for_checkpoint(training: Training, out: Path, at_least: int, timeout=TI
 
 
 def interrupt(training: Training, out: Path, sig, delay: float, after_epochs: int) -> int:
-    """Sends `sig` `delay` seconds after the checkpoint of epoch `after_epochs`; returns the code."""
-    wait_for_checkpoint(training, out, after_epochs)
-    time.sleep(delay)
+    """Sends `sig` `delay` seconds after the checkpoint of epoch `after_epochs`; returns the code.
+
+    The signal goes out early if the next epoch's checkpoint appears first, so the process is
+    interrupted within its next two epochs however fast they are: a tiny training's epoch can
+    take less than the delay, and several of them would let it run to the end.
+    """
+    newest = wait_for_checkpoint(training, out, after_epochs)
+    deadline = time.monotonic() + delay
+    while time.monotonic() < deadline and checkpoints(out)[:1] == [newest]:
+        time.sleep(0.02)
     assert training.process.poll() is None, (
         f"training ended before {signal.Signals(sig).name} ({delay:.2f} s after epoch "
         f"{after_epochs}): pick more epochs"

@@ -203,3 +203,25 @@ def test_batch_size_must_divide_by_the_devices():
         "distribute=data-parallel uses (e.g. data.batch_size=4)"
     )
     assert lines[1] == "devices 4 data-parallel"
+
+
+def test_data_parallel_trains_on_this_backend():
+    """TensorFlow: a `MirroredStrategy` (one CPU replica here); JAX: `DataParallel`."""
+    try:
+        scale = setup_scale("float32", "data-parallel", 4)
+        with scale.scope():
+            model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+            model.compile(optimizer="sgd", loss="mse")
+        history = model.fit(scale.batches(Rows([4, 4], weights=False, as_dict=False)), verbose=0)
+        assert np.isfinite(history.history["loss"][0])
+        assert scale.num_replicas == len(keras.distribution.list_devices()) == 1
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            assert isinstance(scale.strategy, tf.distribute.MirroredStrategy)
+            assert model.distribute_strategy is scale.strategy
+        else:
+            assert isinstance(keras.distribution.distribution(), keras.distribution.DataParallel)
+    finally:
+        if keras.backend.backend() == "jax":
+            keras.distribution.set_distribution(None)

@@ -19,6 +19,7 @@ from pipelines.medimg.__main__ import main as medimg_main
 from pipelines.medimg.heatmaps import grad_cam
 from pipelines.medimg.model import build_model
 from pipelines.medimg.train import resolve_config as medimg_config
+from tests.pipelines.asr.test_model import TINY as TINY_ASR
 from tests.toolkit.ops.test_attention import CHUNKS, IMPLS, _grad, make, np_, sdpa
 from toolkit.layers import MultiHeadAttention
 
@@ -80,17 +81,6 @@ def test_multi_head_attention_under_mixed_policies(policy, rtol):
     np.testing.assert_allclose(out, expected, rtol=rtol, atol=rtol)
     grads = _grad(lambda q, v: mixed(q, v, value_mask=value_mask), query, value)
     assert all(np.all(np.isfinite(g)) for g in grads)
-
-
-TINY_ASR = dict(
-    d_model=32,
-    num_heads=2,
-    encoder_layers=2,
-    decoder_layers=1,
-    intermediate_dim=64,
-    conv_channels=4,
-    dropout=0.0,
-)
 
 
 def _asr_batch(batch=4, frames=64, tokens=8, seed=0):

@@ -19,34 +19,10 @@ import pytest
 
 from pipelines.common.callbacks import SafeBackupAndRestore
 from tests.reliability import training_runs as runs
+from tests.training_callbacks import EpochRecorder, Interrupt, StopAfter
 from toolkit.errors import UserError
 
 EPOCHS = 4
-
-
-class Interrupt(Exception):
-    pass
-
-
-class StopAfter(keras.callbacks.Callback):
-    """Raises at the end of epoch `epoch`, after the callbacks before it (the backup) ran."""
-
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise Interrupt()
-
-
-class EpochRecorder(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.epochs = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epochs.append(epoch)
 
 
 def _data():

@@ -4,37 +4,12 @@ import json
 import subprocess
 import sys
 
-import keras
 import pytest
 
 from pipelines.asr.train import resolve_config, train
+from tests.training_callbacks import EpochRecorder, Interrupt, StopAfter
 
 pytestmark = pytest.mark.slow
-
-
-class Interrupt(Exception):
-    pass
-
-
-class StopAfter(keras.callbacks.Callback):
-    """Raises at the end of epoch `epoch` (after the backup of that epoch is written)."""
-
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise Interrupt()
-
-
-class EpochRecorder(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.epochs = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epochs.append(epoch)
 
 
 @pytest.fixture(scope="module")

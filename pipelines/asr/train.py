@@ -35,7 +35,8 @@ import numpy as np
 
 from pipelines.asr.corpus import DEFAULT_UTTERANCES
 from pipelines.asr.model import ModelConfig, NoamSchedule, build_recognizer
-from pipelines.common.callbacks import SafeBackupAndRestore, TimeBudget
+from pipelines.common.callbacks import InterruptAtSafePoints, SafeBackupAndRestore, TimeBudget
+from pipelines.common.cli import interrupts_at_safe_points
 from pipelines.common.config import config_to_dict, load_config, save_config
 from pipelines.common.scale import Distribute, Precision, setup_scale
 from toolkit.errors import UserError
@@ -365,12 +366,14 @@ class DevEvaluation(keras.callbacks.Callback):
             partial = self.out_dir / f".{MODEL_FILENAME}.partial.keras"
             self.model.save(partial)
             os.replace(partial, self.out_dir / MODEL_FILENAME)
-        state = {"epochs": self.history, "best_dev_cer": self.best_cer,
-                 "best_epoch": self.best_epoch}
+        state = {
+            "epochs": self.history,
+            "best_dev_cer": self.best_cer,
+            "best_epoch": self.best_epoch,
+        }
         _atomic_write_json(self.history_path, state)
         print(
-            f"epoch {epoch + 1}: dev CER {rates.cer:.2%}  dev WER {rates.wer:.2%}  "
-            f"({texts[0]!r})",
+            f"epoch {epoch + 1}: dev CER {rates.cer:.2%}  dev WER {rates.wer:.2%}  ({texts[0]!r})",
             file=sys.stderr,
             flush=True,
         )
@@ -463,7 +466,8 @@ def train(config: TrainConfig, data=None, out=None, callbacks=(), progress: bool
     ) as tracker:
         example = {k: v[:1] for k, v in model.dummy_inputs().items()}
         fit_callbacks = [
-            scale.callback(),  # first: `loader_share` in the logs the others see
+            InterruptAtSafePoints(),  # Ctrl-C/SIGTERM between steps, before the epoch's work
+            scale.callback(),  # `loader_share` in the logs the others see
             evaluation,
             scale.chief_callback(tracker.callback(image_fn=images, input_example=example)),
             keras.callbacks.EarlyStopping(
@@ -477,13 +481,14 @@ def train(config: TrainConfig, data=None, out=None, callbacks=(), progress: bool
         fit_callbacks.append(backup)
         fit_callbacks.extend(callbacks)
         fit_start = time.perf_counter()
-        model.fit(
-            scale.batches(batches),
-            epochs=config.optim.epochs,
-            shuffle=False,
-            callbacks=fit_callbacks,
-            verbose=1 if progress else 0,
-        )
+        with interrupts_at_safe_points():
+            model.fit(
+                scale.batches(batches),
+                epochs=config.optim.epochs,
+                shuffle=False,
+                callbacks=fit_callbacks,
+                verbose=1 if progress else 0,
+            )
         fit_seconds = time.perf_counter() - fit_start
         metrics = _summary(config, prepared, batches, model, evaluation, fit_seconds, started)
         metrics.update(scale.summary())

@@ -13,7 +13,24 @@ from pathlib import Path
 
 import keras
 
+from pipelines.common.cli import raise_pending
 from toolkit.errors import UserError
+
+
+class InterruptAtSafePoints(keras.callbacks.Callback):
+    """Raises a Ctrl-C or SIGTERM noted by `pipelines.common.cli` between steps, not inside one.
+
+    Checked after every training batch and before every epoch, so the interruption unwinds
+    `fit` from Python code, with no step running, and after the previous epoch's callbacks
+    (its checkpoint included) have finished. Use it with `fit` inside
+    `cli.interrupts_at_safe_points()`.
+    """
+
+    def on_epoch_begin(self, epoch, logs=None):
+        raise_pending()
+
+    def on_train_batch_end(self, batch, logs=None):
+        raise_pending()
 
 
 class TimeBudget(keras.callbacks.Callback):

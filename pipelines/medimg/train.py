@@ -41,7 +41,8 @@ import keras
 import numpy as np
 import scipy.ndimage
 
-from pipelines.common.callbacks import SafeBackupAndRestore, TimeBudget
+from pipelines.common.callbacks import InterruptAtSafePoints, SafeBackupAndRestore, TimeBudget
+from pipelines.common.cli import interrupts_at_safe_points
 from pipelines.common.config import config_to_dict, load_config, save_config
 from pipelines.common.paths import toolkit_home
 from pipelines.common.progress import progress_bar
@@ -646,7 +647,8 @@ def train(
     ) as tracker:
         example = volumes["val"].images[:1].astype(np.float32)[..., None]
         fit_callbacks = [
-            scale.callback(),  # first: `loader_share` in the logs the others see
+            InterruptAtSafePoints(),  # Ctrl-C/SIGTERM between steps, before the epoch's work
+            scale.callback(),  # `loader_share` in the logs the others see
             monitor,
             scale.chief_callback(
                 tracker.callback(image_fn=monitor.example_figure, input_example=example)
@@ -662,12 +664,13 @@ def train(
         fit_callbacks.append(backup)
         fit_callbacks.extend(callbacks)
         fit_start = time.perf_counter()
-        model.fit(
-            scale.batches(batches),
-            epochs=config.optim.epochs,
-            callbacks=fit_callbacks,
-            verbose=1 if progress else 2,
-        )
+        with interrupts_at_safe_points():
+            model.fit(
+                scale.batches(batches),
+                epochs=config.optim.epochs,
+                callbacks=fit_callbacks,
+                verbose=1 if progress else 2,
+            )
         fit_seconds = time.perf_counter() - fit_start
         if not monitor.model_path.is_file():
             model.save(monitor.model_path)

@@ -191,6 +191,45 @@ def test_early_stopping_state_survives_the_interruption(tmp_path):
     assert epochs == []
 
 
+SIGNAL_OUTCOMES = (
+    (signal.SIGTERM, 143, "interrupted (SIGTERM)"),
+    (signal.SIGINT, 130, "interrupted (Ctrl-C)"),
+)
+
+
+# A command that enters `interrupts_at_safe_points`, prints `ready` and waits until a signal
+# is noted; each test adds what happens next and `sys.exit(cli.run_command(work))`.
+NOTED_SIGNAL = (
+    "import sys, time\n"
+    "from pipelines.common import cli\n"
+    "def work():\n"
+    "    with cli.interrupts_at_safe_points():\n"
+    "        print('ready', flush=True)\n"
+    "        while cli.pending_signal() is None:\n"
+    "            time.sleep(0.01)\n"
+)
+
+
+def _python(code: str, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+
+
+def _signalled(code: str, env: dict, sig) -> tuple[int, str, str]:
+    """Runs `code`, sends `sig` once it printed `ready`; returns (exit code, stdout, stderr)."""
+    process = _python(code, env)
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        process.send_signal(sig)
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return process.returncode, out, err
+
+
 def test_sigterm_ends_a_command_with_one_line_and_code_143(tmp_path):
     code = (
         "import sys, time\n"
@@ -200,24 +239,91 @@ def test_sigterm_ends_a_command_with_one_line_and_code_143(tmp_path):
         "    time.sleep(60)\n"
         "sys.exit(run_command(work))\n"
     )
-    env = runs.environment(tmp_path)
-    for sig, expected_code, expected_line in (
-        (signal.SIGTERM, 143, "interrupted (SIGTERM)"),
-        (signal.SIGINT, 130, "interrupted (Ctrl-C)"),
-    ):
-        process = subprocess.Popen(
-            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        try:
-            assert process.stdout.readline().strip() == "ready"
-            process.send_signal(sig)
-            _, err = process.communicate(timeout=30)
-        finally:
-            if process.poll() is None:
-                process.kill()
-        assert process.returncode == expected_code
+    for sig, expected_code, expected_line in SIGNAL_OUTCOMES:
+        returncode, _, err = _signalled(code, runs.environment(tmp_path), sig)
+        assert returncode == expected_code
         assert err.strip() == expected_line
+
+
+def test_a_signal_during_training_waits_for_the_next_safe_point(tmp_path):
+    # Inside `interrupts_at_safe_points` the first signal is noted and raised only by
+    # `raise_pending()`; the work between the two goes on.
+    code = (
+        NOTED_SIGNAL +
+        "        print('noted', cli.pending_signal(), flush=True)\n"
+        "        cli.raise_pending()\n"
+        "        print('not reached', flush=True)\n"
+        "sys.exit(cli.run_command(work))\n"
+    )
+    for sig, expected_code, expected_line in SIGNAL_OUTCOMES:
+        returncode, out, err = _signalled(code, runs.environment(tmp_path), sig)
+        assert out.split() == ["noted", str(int(sig))]
+        assert returncode == expected_code
+        assert err.strip() == expected_line
+
+
+def test_a_second_signal_interrupts_at_once(tmp_path):
+    code = (
+        NOTED_SIGNAL +
+        "        print('noted', flush=True)\n"
+        "        time.sleep(120)\n"
+        "sys.exit(cli.run_command(work))\n"
+    )
+    process = _python(code, runs.environment(tmp_path))
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        process.send_signal(signal.SIGINT)
+        assert process.stdout.readline().strip() == "noted"
+        assert process.poll() is None
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130
+    assert err.strip() == "interrupted (Ctrl-C)"
+
+
+def test_fit_stops_after_the_batch_during_which_the_signal_came(tmp_path):
+    # A callback sends SIGTERM to its own process at the end of batch 2 of epoch 2 and goes
+    # on; `InterruptAtSafePoints` (first in the list, so already past batch 2) raises it at
+    # the end of batch 3, before the callback sees that batch, and no epoch-end callback
+    # runs for the unfinished epoch.
+    code = (
+        "import os, signal, sys\n"
+        "import keras, numpy as np\n"
+        "from pipelines.common import cli\n"
+        "from pipelines.common.callbacks import InterruptAtSafePoints\n"
+        "class Probe(keras.callbacks.Callback):\n"
+        "    def on_train_batch_end(self, batch, logs=None):\n"
+        "        print('batch', self.epoch, batch, flush=True)\n"
+        "        if (self.epoch, batch) == (1, 2):\n"
+        "            os.kill(os.getpid(), signal.SIGTERM)\n"
+        "            print('sent', flush=True)\n"
+        "    def on_epoch_begin(self, epoch, logs=None):\n"
+        "        self.epoch = epoch\n"
+        "    def on_epoch_end(self, epoch, logs=None):\n"
+        "        print('epoch end', epoch, flush=True)\n"
+        "def work():\n"
+        "    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])\n"
+        "    model.compile('sgd', 'mse')\n"
+        "    x, y = np.ones((40, 3), 'float32'), np.ones((40, 1), 'float32')\n"
+        "    with cli.interrupts_at_safe_points():\n"
+        "        model.fit(x, y, batch_size=4, epochs=3, verbose=0,\n"
+        "                  callbacks=[InterruptAtSafePoints(), Probe()])\n"
+        "sys.exit(cli.run_command(work))\n"
+    )
+    process = _python(code, runs.environment(tmp_path))
+    try:
+        out, err = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143, err[-2000:]
+    lines = out.strip().splitlines()
+    assert lines[-3:] == ["batch 1 1", "batch 1 2", "sent"]
+    assert "epoch end 0" in lines and "epoch end 1" not in lines
+    assert runs.last_line(err) == "interrupted (SIGTERM)"
 
 
 # ------------------------------------------------------------------------------------------

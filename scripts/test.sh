@@ -16,8 +16,9 @@ workers="${TEST_WORKERS:-2}"
 echo "== pytest (KERAS_BACKEND=tensorflow)"
 KERAS_BACKEND=tensorflow .venv/bin/pytest -q -n "$workers" --timeout 900 tests
 
-# Under JAX: everything except the tests marked slow (end-to-end CLI trainings, the browser test),
-# which run under TensorFlow above.
+# Under JAX: the tiny end-to-end CLI trainings of both pipelines (marked both_backends) and
+# everything not marked slow; the other slow tests (interrupted, repeated and bad-data
+# trainings, notebooks, the browser test) run under TensorFlow above.
 echo "== pytest (KERAS_BACKEND=jax)"
 KERAS_BACKEND=jax .venv/bin/pytest -q -n "$workers" --timeout 900 \
-    -m "not slow" tests
+    -m "not slow or both_backends" tests

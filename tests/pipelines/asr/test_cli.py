@@ -57,6 +57,7 @@ def trained(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.both_backends
 def test_train_writes_every_output(trained):
     root, _, run_dir, result = trained
     assert "best dev CER" in result.stdout
@@ -71,6 +72,7 @@ def test_train_writes_every_output(trained):
 
 
 @pytest.mark.slow
+@pytest.mark.both_backends
 def test_model_loads_safely_without_custom_objects(trained):
     root, env, run_dir, _ = trained
     code = (
@@ -91,6 +93,7 @@ def test_model_loads_safely_without_custom_objects(trained):
 
 
 @pytest.mark.slow
+@pytest.mark.both_backends
 def test_transcribe_newest_model_and_bad_files(trained):
     root, env, _, _ = trained
     wavs = sorted((root / "corpus" / "wavs").glob("*.wav"))[:2]
@@ -126,6 +129,7 @@ def test_transcribe_newest_model_and_bad_files(trained):
 
 
 @pytest.mark.slow
+@pytest.mark.both_backends
 def test_evaluate_json(trained):
     root, env, run_dir, _ = trained
     result = run(
@@ -151,6 +155,7 @@ def test_evaluate_json(trained):
 
 
 @pytest.mark.slow
+@pytest.mark.both_backends
 def test_transcribe_without_any_model_says_train_first(tmp_path, trained):
     _, env, _, _ = trained
     result = run(["transcribe", "a.wav"], tmp_path, env)

@@ -127,6 +127,7 @@ def _run(arguments, cwd, env, timeout=300):
 
 
 @pytest.mark.slow
+@pytest.mark.both_backends
 def test_tiny_config_trains_end_to_end_then_predicts_and_evaluates(tmp_path):
     env = dict(os.environ)
     env.update(

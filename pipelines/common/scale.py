@@ -59,6 +59,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -131,6 +132,27 @@ def resolve_precision(precision: str) -> str:
     if precision == "auto":
         return "float32" if accelerator() == "cpu" else "mixed_bfloat16"
     return precision
+
+
+def precision_caveat(policy: str) -> str | None:
+    """A known problem of `policy` on this backend and device, as one sentence, or `None`.
+
+    TensorFlow's oneDNN bfloat16 kernels on CPU (the default on x86 since TF 2.9) were seen to
+    return NaN in a 3D convolution's weight gradient at random: the same step on the same
+    weights gave NaN about once in ten tries, and never with `TF_ENABLE_ONEDNN_OPTS=0`.
+    """
+    if (
+        policy == "mixed_bfloat16"
+        and keras.backend.backend() == "tensorflow"
+        and os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") != "0"
+        and accelerator() == "cpu"
+    ):
+        return (
+            "precision=mixed_bfloat16 on a CPU under TensorFlow: oneDNN's bfloat16 kernels can "
+            "give NaN weight gradients at random; use float32 (the CPU default), JAX, or "
+            "TF_ENABLE_ONEDNN_OPTS=0"
+        )
+    return None
 
 
 def _env_int(name: str) -> int | None:
@@ -317,6 +339,9 @@ def setup_scale(
         resolve_precision(precision)  # raises before any multi-process waiting
     process_index, num_processes = initialize_multihost(distribute)
     policy = resolve_precision(precision)
+    caveat = precision_caveat(policy)
+    if caveat:
+        print(f"warning: {caveat}", file=sys.stderr, flush=True)
     scale = Scale(precision=policy, distribute=distribute)
     scale.process_index, scale.num_processes = process_index, num_processes
     if distribute == "none":

@@ -455,6 +455,10 @@ class ValidationMonitor(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start = time.perf_counter()
+        self._batches = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._batches += 1
 
     def evaluate(self):
         """`(probabilities, maps or None)` of the validation scans with the current weights."""
@@ -509,6 +513,7 @@ class ValidationMonitor(keras.callbacks.Callback):
             "val_pointing_game": logs.get("val_pointing_game"),
             "seconds": time.perf_counter() - (self._epoch_start or time.perf_counter()),
             "train_seconds": train_seconds,
+            "train_batches": self._batches,  # fewer than an epoch's when the budget ended it
             "loader_share": logs.get("loader_share"),
         }
         self.state["history"] = [h for h in self.state["history"] if h["epoch"] != epoch]
@@ -700,7 +705,9 @@ def train(
 
         history = monitor.state["history"]
         train_seconds = sum(h["train_seconds"] for h in history) or fit_seconds
-        epochs_run = len(history)
+        n_train = len(volumes["train"].labels)
+        steps = sum(h.get("train_batches", len(batches)) for h in history)
+        trained_scans = min(steps * config.data.batch_size, len(history) * n_train)
         metrics = {
             test_name: evaluation,
             "evaluated_split": test_name,
@@ -713,7 +720,7 @@ def train(
             "test_scans": evaluation.get("scans", 0),
             "skipped": skipped,
             "train_scans_per_second": (
-                epochs_run * len(volumes["train"].labels) / train_seconds if train_seconds else None
+                trained_scans / train_seconds if train_seconds else None
             ),
             "parameters": int(model.count_params()),
             "architecture": model_metadata(model).get("architecture", config.model.name),

@@ -24,21 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from benchmarks.report import append_markdown, cpu_name
 
 
 def log(message: str) -> None:
@@ -164,15 +155,14 @@ def main(argv=None) -> int:
     header = (
         f"\n### ASR recognizer ({time.strftime('%Y-%m-%d')})\n\n"
         f"`python -m benchmarks.asr {' '.join(argv if argv is not None else sys.argv[1:])}` on "
-        f"{_cpu_name()} ({os.cpu_count()} cores, load {load_before:.1f} at start), Keras "
+        f"{cpu_name()} ({os.cpu_count()} cores, load {load_before:.1f} at start), Keras "
         f"{keras.__version__}, backend {keras.backend.backend()}; corpus {data}.\n\n"
         "| measure | value | target |\n|---|---|---|\n"
     )
     table = header + "".join(f"| {a} | {b} | {c} |\n" for a, b, c in rows)
     print(table)
     if args.markdown_out:
-        with open(args.markdown_out, "a", encoding="utf-8") as f:
-            f.write(table)
+        append_markdown(args.markdown_out, table)
     return 0
 
 

@@ -25,19 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.report import append_markdown, cpu_name
 from pipelines.asr.corpus import DEFAULT_UTTERANCES, build_corpus
 from pipelines.asr.data import load_splits
 from pipelines.asr.features import FeatureExtractor, load_audio, log_mel, single_blas_thread
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def run(utterances: int, workers: int, seed: int, keep: Path | None) -> str:
@@ -88,7 +79,7 @@ def run(utterances: int, workers: int, seed: int, keep: Path | None) -> str:
         "## Speech data: corpus synthesis and log-mel features (`benchmarks/asr_features.py`)",
         "",
         f"Command: `python -m benchmarks.asr_features --utterances {utterances} "
-        f"--workers {workers}`. Machine: {os.cpu_count()} cores ({_cpu_name()}), "
+        f"--workers {workers}`. Machine: {os.cpu_count()} cores ({cpu_name()}), "
         f"Python {platform.python_version()}; load average {load_before:.1f} before and "
         f"{load_after:.1f} after (the CPU was shared with other jobs). Corpus: {utterances} "
         f"utterances, {summary.hours * 60:.1f} min of 16 kHz audio; 80-band log-mel, 25 ms / 10 ms; "
@@ -113,8 +104,7 @@ def main(argv=None) -> int:
     report = run(args.utterances, args.workers, args.seed, args.keep)
     print(report)
     if args.markdown_out is not None:
-        with args.markdown_out.open("a", encoding="utf-8") as handle:
-            handle.write("\n" + report)
+        append_markdown(args.markdown_out, "\n" + report)
     return 0
 
 

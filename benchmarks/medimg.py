@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -32,21 +31,7 @@ from pathlib import Path
 
 import keras
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _fmt(value, digits=3):
-    if value is None or (isinstance(value, float) and value != value):
-        return "n/a"
-    return f"{value:.{digits}f}"
+from benchmarks.report import append_markdown, cpu_name, fmt
 
 
 def _train(name, config, datalist, out, model_fn=None, progress=True):
@@ -67,11 +52,11 @@ def _rows(name, metrics):
         low, high = result["auc_ci95"]
         rows.append(
             f"| {name} | {metrics['parameters'] / 1e6:.2f} M | {len(metrics['epochs'])} | "
-            f"{_fmt(metrics['train_scans_per_second'], 1)} | {_fmt(result['auc'])} "
-            f"({_fmt(low)}-{_fmt(high)}) | {_fmt(result['sensitivity'])} / "
-            f"{_fmt(result['specificity'])} | {method} | {_fmt(block['pointing_game'])} | "
-            f"{_fmt(block['relevance_mass'], 4)} ({_fmt(block['relevance_ratio'], 1)}x) | "
-            f"{_fmt(block['iou_top_k'])} |"
+            f"{fmt(metrics['train_scans_per_second'], 1)} | {fmt(result['auc'])} "
+            f"({fmt(low)}-{fmt(high)}) | {fmt(result['sensitivity'])} / "
+            f"{fmt(result['specificity'])} | {method} | {fmt(block['pointing_game'])} | "
+            f"{fmt(block['relevance_mass'], 4)} ({fmt(block['relevance_ratio'], 1)}x) | "
+            f"{fmt(block['iou_top_k'])} |"
         )
     return rows
 
@@ -82,8 +67,8 @@ def _by_size(name, metrics):
     for method, block in result["heatmaps"].items():
         for size, row in block["by_size"].items():
             lines.append(
-                f"| {name} | {method} | {size} | {row['scans']} | {_fmt(row['pointing_game'])} "
-                f"| {_fmt(row['relevance_ratio'], 1)}x |"
+                f"| {name} | {method} | {size} | {row['scans']} | {fmt(row['pointing_game'])} "
+                f"| {fmt(row['relevance_ratio'], 1)}x |"
             )
     return lines
 
@@ -157,7 +142,7 @@ def run(args) -> str:
         "",
         f"Command: `python -m benchmarks.medimg --minutes {args.minutes} --scans {args.scans}"
         f"{' --config ' + str(args.config) if args.config else ''}`. Machine: "
-        f"{os.cpu_count()} cores ({_cpu_name()}), Keras {keras.__version__}, backend "
+        f"{os.cpu_count()} cores ({cpu_name()}), Keras {keras.__version__}, backend "
         f"{keras.backend.backend()}; load average {load_before:.1f} before and "
         f"{load_after:.1f} after. Data: built-in synthetic dataset, {args.scans} scans "
         f"(seed {args.seed}), grid {list(config.preprocess.shape)} at "
@@ -218,8 +203,7 @@ def main(argv=None) -> int:
         table = run(args)
         print(table)
         if args.markdown_out is not None:
-            with open(args.markdown_out, "a", encoding="utf-8") as f:
-                f.write("\n" + table)
+            append_markdown(args.markdown_out, "\n" + table)
         return 0
 
     return run_command(body)

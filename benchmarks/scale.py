@@ -48,7 +48,7 @@ from pathlib import Path
 
 import keras
 
-from benchmarks.medimg import _cpu_name, _fmt
+from benchmarks.report import append_markdown, cpu_name, fmt
 from toolkit.errors import UserError
 
 PIPELINES = ("asr", "medimg")
@@ -258,7 +258,7 @@ def device_name() -> tuple[str, str]:
 
     platform = accelerator()
     if platform == "cpu":
-        return f"{_cpu_name()} ({os.cpu_count()} cores)", platform
+        return f"{cpu_name()} ({os.cpu_count()} cores)", platform
     if keras.backend.backend() == "jax":
         import jax
 
@@ -293,7 +293,7 @@ def _quality(name, metrics) -> tuple[str, dict]:
         return text, {"best_dev_cer": cer, "best_dev_wer": wer}
     split = metrics.get("evaluated_split", "test")
     val_auc, test_auc = metrics.get("best_val_auc"), metrics.get(split, {}).get("auc")
-    text = f"val AUC {_fmt(val_auc)} / {split} AUC {_fmt(test_auc)}"
+    text = f"val AUC {fmt(val_auc)} / {split} AUC {fmt(test_auc)}"
     return text, {"best_val_auc": val_auc, f"{split}_auc": test_auc}
 
 
@@ -377,7 +377,7 @@ def table(rows, command: str) -> str:
     first = rows[0]
     machine = first["device"]
     if first["platform"] != "cpu":
-        machine += f" ({_cpu_name()}, {os.cpu_count()} CPU cores)"
+        machine += f" ({cpu_name()}, {os.cpu_count()} CPU cores)"
     versions = f"Keras {keras.__version__}, backend {first['backend']}"
     if first["backend"] == "jax":
         import jax
@@ -407,7 +407,7 @@ def table(rows, command: str) -> str:
         lines.append(
             f"| {row['backend']} | {device} | {row['precision']} | {row['pipeline']} | "
             f"{row['budget_minutes']:g} min | {row['steps']} | {compile_} | "
-            f"{_fmt(row['examples_per_second'], 2)} | {share} | "
+            f"{fmt(row['examples_per_second'], 2)} | {share} | "
             f"{_si(row['flops_per_step'], 'FLOP')} | {_si(row['achieved_flops'], 'FLOP/s')} | "
             f"{mfu} | {row['quality']} |"
         )
@@ -447,8 +447,7 @@ def main(argv=None) -> int:
         (out / "scale.json").write_text(json.dumps(rows, indent=2, default=str))
         print(text)
         if args.markdown_out is not None:
-            with open(args.markdown_out, "a", encoding="utf-8") as f:
-                f.write("\n" + text)
+            append_markdown(args.markdown_out, "\n" + text)
         return 0
 
     return run_command(body)

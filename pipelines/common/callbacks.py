@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,6 +16,49 @@ import keras
 
 from pipelines.common.cli import raise_pending
 from toolkit.errors import UserError
+
+
+class ForwardingCallback(keras.callbacks.Callback):
+    """Passes every hook to another callback, which sees `model` instead of the fitted model.
+
+    A pipeline that fits a training model with extra outputs (auxiliary losses) but saves,
+    validates and logs the classifier that shares its layers wraps the callbacks that use
+    `self.model` for that in `ForwardingCallback(callback, classifier)`. Subclasses can run the
+    hooks in a context (`_context`).
+
+    Args:
+        callback: `keras.callbacks.Callback`.
+        model: `keras.Model` or None. The model `callback` sees; None: the fitted model.
+    """
+
+    def __init__(self, callback, model=None):
+        super().__init__()
+        self.callback = callback
+        self.view = model
+
+    def set_model(self, model):
+        super().set_model(model)
+        self.callback.set_model(self.view if self.view is not None else model)
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.callback.set_params(params)
+
+    def _context(self):
+        return contextlib.nullcontext()
+
+
+def _forward(name):
+    def hook(self, *args, **kwargs):
+        with self._context():
+            return getattr(self.callback, name)(*args, **kwargs)
+
+    hook.__name__ = name
+    return hook
+
+
+for _name in [n for n in dir(keras.callbacks.Callback) if n.startswith("on_")]:
+    setattr(ForwardingCallback, _name, _forward(_name))
 
 
 class InterruptAtSafePoints(keras.callbacks.Callback):

@@ -69,6 +69,7 @@ from typing import Literal, get_args
 import keras
 import numpy as np
 
+from pipelines.common.callbacks import ForwardingCallback
 from toolkit.errors import UserError
 
 __all__ = [
@@ -409,33 +410,14 @@ def without_distribution():
         keras.distribution.set_distribution(previous)
 
 
-class ProcessLocalCallback(keras.callbacks.Callback):
+class ProcessLocalCallback(ForwardingCallback):
     """Runs another callback's hooks without Keras' global distribution (`without_distribution`)."""
 
     def __init__(self, callback):
-        super().__init__()
-        self.callback = callback
+        super().__init__(callback)
 
-    def set_model(self, model):
-        super().set_model(model)
-        self.callback.set_model(model)
-
-    def set_params(self, params):
-        super().set_params(params)
-        self.callback.set_params(params)
-
-
-def _forward(name):
-    def hook(self, *args, **kwargs):
-        with without_distribution():
-            return getattr(self.callback, name)(*args, **kwargs)
-
-    hook.__name__ = name
-    return hook
-
-
-for _name in [n for n in dir(keras.callbacks.Callback) if n.startswith("on_")]:
-    setattr(ProcessLocalCallback, _name, _forward(_name))
+    def _context(self):
+        return without_distribution()
 
 
 class LoaderTiming(keras.callbacks.Callback):
@@ -535,13 +517,16 @@ class TimedBatches(keras.utils.PyDataset):
         index = np.arange(rows + pad) % rows  # (n + pad,): padding repeats the first rows
         per_process = (rows + pad) // self.num_processes
         mine = slice(self.process_index * per_process, (self.process_index + 1) * per_process)
-        weights = None
-        if pad and isinstance(batch, tuple) and len(batch) == 3 and batch[2] is not None:
-            weights = np.asarray(batch[2]).copy()[index]
-            weights[rows:] = 0
         take = lambda array: np.asarray(array)[index][mine]  # noqa: E731
-        if weights is not None:
-            return keras.tree.map_structure(take, batch[:2]) + (weights[mine],)
+        if pad and isinstance(batch, tuple) and len(batch) == 3 and batch[2] is not None:
+
+            def padded_weights(array):  # the padding rows weigh nothing
+                weights = np.asarray(array).copy()[index]
+                weights[rows:] = 0
+                return weights[mine]
+
+            weights = keras.tree.map_structure(padded_weights, batch[2])
+            return keras.tree.map_structure(take, batch[:2]) + (weights,)
         return keras.tree.map_structure(take, batch)
 
     def on_epoch_begin(self):

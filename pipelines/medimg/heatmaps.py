@@ -241,9 +241,21 @@ def native_heatmaps(model: keras.Model, images, batch_size: int = 4):
 # Grad-CAM.
 
 
+# Layers that only resample or stack feature maps (the gating signals of the attention-gated
+# model): Grad-CAM targets the features themselves.
+_NOT_FEATURES = (
+    keras.layers.UpSampling2D,
+    keras.layers.UpSampling3D,
+    keras.layers.Cropping2D,
+    keras.layers.Cropping3D,
+    keras.layers.Concatenate,
+)
+
+
 def _default_target_layer(model):
-    """The last layer whose output is a spatial feature map; for a ViT, the input of the last
-    Transformer block (after it only the class token is read, so the patches get no gradient).
+    """The last layer whose output is a spatial feature map (not a resampled or stacked copy);
+    for a ViT, the input of the last Transformer block (after it only the class token is read,
+    so the patches get no gradient).
     """
     rank = len(model.inputs[0].shape)
     candidate, tokens = None, []
@@ -257,7 +269,7 @@ def _default_target_layer(model):
             shape = tuple(_single_output(layer).shape)
         except (AttributeError, ValueError):
             continue
-        if len(shape) == rank and not isinstance(layer, AttentionGate):
+        if len(shape) == rank and not isinstance(layer, (AttentionGate, *_NOT_FEATURES)):
             if all(s is not None and s > 1 for s in shape[1:-1]):
                 candidate = layer
     if len(tokens) >= 2:

@@ -6,12 +6,17 @@ carries its own explanation:
 
 - `attention-gated` (default): a 3D CNN in the AG-Sononet style (Schlemper et al., 2019). A
   strided stem and `len(filters) - 1` strided stages of two 3x3x3 convolutions halve the grid
-  each time; the coarsest stage is the gating signal. The intermediate stages listed in
-  `gated_stages` (0 is the stem) are multiplied by `AttentionGate` coefficients computed from
-  that gating signal, and every gated stage, plus the gating stage itself, is pooled over its
-  spatial positions by `GatedAttentionPooling` (Ilse et al., 2018), restricted to the cells
-  that contain foreground (`ForegroundMask`: the head, not air or padding). The pooled vectors are
-  concatenated and a single logit gives the probability. The gate coefficients and pooling
+  each time. The intermediate stages listed in `gated_stages` (0 is the stem) are multiplied
+  by `AttentionGate` coefficients; each gate's gating signal is the next stage and the
+  coarsest one, upsampled to the gated stage's grid, so there is one coefficient per cell of
+  that stage, decided with near and far context. Every gated stage, plus
+  the coarsest stage itself, is pooled over its spatial positions by `GatedAttentionPooling`
+  (Ilse et al., 2018), restricted to the cells that contain foreground (`ForegroundMask`: the
+  head, not air or padding). The pooled vectors and the largest coefficient of each gate are
+  concatenated and a single logit gives the probability. Where the training data has lesion
+  masks, the gates are fitted to them (`train.py`, `optim.mask_loss_weight`): each gate
+  becomes a lesion map and its peak a lesion-detector score, which is what makes the model
+  learn from a few hundred scans instead of memorising them. The gate coefficients and pooling
   weights, which the forward pass computes anyway, are the model's native heatmap
   (`heatmaps.native_heatmaps`): no gradients needed.
 - `vit`: a small 3D Vision Transformer: `PatchEmbedding` (with a class token and learned
@@ -76,8 +81,8 @@ class ModelConfig:
     Attributes:
         name: `"attention-gated"` (default) or `"vit"`.
         filters: attention-gated: channels of the stem and of each strided stage; the last
-            stage is the gating signal. Each entry halves the grid.
-        gated_stages: attention-gated: indices of the stages gated by the coarsest stage
+            stage is the coarsest. Each entry halves the grid.
+        gated_stages: attention-gated: indices of the stages multiplied by attention gates
             (0 = stem, up to `len(filters) - 2`).
         gate_dim: attention-gated: `intermediate_dim` of each `AttentionGate`.
         pooling_dim: attention-gated: `intermediate_dim` of each `GatedAttentionPooling`.
@@ -91,7 +96,7 @@ class ModelConfig:
 
     name: Literal["attention-gated", "vit"] = "attention-gated"
     filters: list[int] = dataclasses.field(default_factory=lambda: [16, 32, 64, 128])
-    gated_stages: list[int] = dataclasses.field(default_factory=lambda: [1, 2])
+    gated_stages: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
     gate_dim: int = 32
     pooling_dim: int = 64
     dropout: float = 0.3
@@ -277,26 +282,54 @@ def _conv_bn_relu(x, filters, strides, name):
     return keras.layers.Activation("relu", name=f"{name}_relu")(x)
 
 
+def _on_grid(tensor, factor, shape, name):
+    """`tensor` upsampled `factor` times (nearest) and cropped to the spatial `shape`.
+
+    Stride-2 "same" convolutions round odd sizes up, so the upsampled grid can be one cell
+    larger than the finer stage it is brought to; the extra cells are at the far end.
+    """
+    if factor > 1:
+        tensor = keras.layers.UpSampling3D(factor, name=f"{name}_up")(tensor)
+    extra = [int(have) - int(want) for have, want in zip(tensor.shape[1:-1], shape)]
+    if any(extra):
+        tensor = keras.layers.Cropping3D(tuple((0, e) for e in extra), name=f"{name}_crop")(tensor)
+    return tensor
+
+
 def _attention_gated(x, config: ModelConfig):
     filters = config.filters
     stages = [_conv_bn_relu(x, filters[0], 2, "stem")]
     for index, width in enumerate(filters[1:], start=1):
         h = _conv_bn_relu(stages[-1], width, 2, f"stage{index}_a")
         stages.append(_conv_bn_relu(h, width, 1, f"stage{index}_b"))
-    gating = stages[-1]
-    pooled = []
     last = len(filters) - 1
+    pooled, peaks = [], []
     for index in [*sorted(config.gated_stages), last]:
         features = stages[index]
         if index != last:
+            # The gating signal: the next stage and the coarsest one, brought to this stage's
+            # grid, so the gate decides per cell of this stage (a lesion-sized region) with
+            # near and far context.
+            deeper = [
+                _on_grid(stages[d], 2 ** (d - index), features.shape[1:-1], f"gating{index}_{d}")
+                for d in sorted({index + 1, last})
+            ]
+            gating = (
+                deeper[0]
+                if len(deeper) == 1
+                else keras.layers.Concatenate(name=f"gating_{index}")(deeper)
+            )
             gate = AttentionGate(config.gate_dim, name=f"gate_{index}")
-            features, _ = gate(features, gating, return_attention_scores=True)
+            features, alpha = gate(features, gating, return_attention_scores=True)
+            # The strongest gate coefficient: a lesion-detector score the classifier reads
+            # directly (with mask supervision the gate is a lesion map, see train.py).
+            peaks.append(keras.layers.GlobalMaxPooling3D(name=f"gate_peak_{index}")(alpha))
         # Stage i is the input downsampled 2^(i+1) times (stem = stage 0).
         mask = ForegroundMask(2 ** (index + 1), name=f"foreground_{index}")(x)
         pool = GatedAttentionPooling(config.pooling_dim, name=f"pool_{index}")
         vector, _ = pool(features, mask=mask, return_attention_scores=True)
         pooled.append(vector)
-    return keras.layers.Concatenate(name="pooled")(pooled)
+    return keras.layers.Concatenate(name="pooled")(pooled + peaks)
 
 
 def _vit(x, config: ModelConfig):

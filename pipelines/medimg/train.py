@@ -12,7 +12,11 @@
    `jit_compile="auto"` is off on TensorFlow, whose own CPU kernels beat XLA for 3D
    convolutions, and on for JAX);
 4. fits on batches augmented on the fly (random flips, small rotations, intensity scale and
-   shift) with class-balancing sample weights; each epoch `ValidationMonitor` computes the
+   shift) with class-balancing sample weights. Where the datalist has lesion masks (the
+   built-in data does), they supervise the attention maps too (`compile_for_training`): each
+   gate's coefficients are fitted to the mask on the gate's grid and each attention pooling's
+   weights to the mask spread over its cells, so the model learns where lesions are from
+   every voxel rather than one label per scan. Each epoch `ValidationMonitor` computes the
    validation AUC, loss and the pointing game of the native heatmaps (on the model grid) and
    keeps the best model (highest validation AUC) as `model.keras`; then the MLflow callback
    (config, per-epoch metrics at steps 0..E-1, an example heatmap figure per epoch, the final
@@ -41,7 +45,12 @@ import keras
 import numpy as np
 import scipy.ndimage
 
-from pipelines.common.callbacks import InterruptAtSafePoints, SafeBackupAndRestore, TimeBudget
+from pipelines.common.callbacks import (
+    ForwardingCallback,
+    InterruptAtSafePoints,
+    SafeBackupAndRestore,
+    TimeBudget,
+)
 from pipelines.common.cli import interrupts_at_safe_points
 from pipelines.common.config import config_to_dict, load_config, save_config
 from pipelines.common.paths import toolkit_home
@@ -60,6 +69,10 @@ __all__ = [
     "ValidationMonitor",
     "VolumeBatches",
     "augment_volume",
+    "compile_for_training",
+    "mask_loss",
+    "mask_on_grid",
+    "pooling_mask_loss",
     "default_out_dir",
     "prepare_volumes",
     "resolve_config",
@@ -122,12 +135,21 @@ class AugmentConfig:
 class OptimConfig:
     """Optimisation (the `optim:` section)."""
 
-    epochs: int = 40
+    epochs: int = 60
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
-    patience: int = 8  # epochs without a better validation AUC before stopping
+    patience: int = 12  # epochs without a better validation AUC before stopping
     max_minutes: float | None = None  # stop training after this much time
     class_weights: bool = True  # balance the classes with sample weights
+    # Lesion masks, where the datalist has them, supervise the attention gates: each gate's
+    # coefficients are fitted to the mask on the gate's grid (weighted binary cross-entropy,
+    # lesion cells weighing `mask_positive_weight`), added to the loss times this weight.
+    # 0 turns it off; a train split without any mask of a lesion scan turns all of it off.
+    mask_loss_weight: float = 10.0
+    mask_positive_weight: float = 30.0
+    # ... and the attention pooling: the cross-entropy of each pooling's weights with the lesion
+    # mask spread evenly over its cells (lesion scans only), times this weight. 0 = off.
+    mask_pooling_weight: float = 1.0
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -136,6 +158,12 @@ class OptimConfig:
             raise ValueError(f"learning_rate must be positive. Received: {self.learning_rate}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"max_minutes must be positive. Received: {self.max_minutes}")
+        weights = (self.mask_loss_weight, self.mask_pooling_weight, self.mask_positive_weight)
+        if min(weights[:2]) < 0 or weights[2] <= 0:
+            raise ValueError(
+                "mask_loss_weight and mask_pooling_weight must be >= 0 and mask_positive_weight "
+                f"> 0. Received: {weights}"
+            )
 
 
 @dataclasses.dataclass
@@ -337,30 +365,95 @@ def prepare_volumes(
 # Augmentation and batches.
 
 
-def augment_volume(volume: np.ndarray, rng: np.random.Generator, config: AugmentConfig):
-    """One random augmentation of a (X, Y, Z) float32 volume (see `AugmentConfig`)."""
+def augment_volume(volume: np.ndarray, rng: np.random.Generator, config: AugmentConfig, mask=None):
+    """One random augmentation of a (X, Y, Z) float32 volume (see `AugmentConfig`).
+
+    With a `mask` of the same shape, returns `(volume, mask)`: the mask gets the same flips and
+    rotation (nearest neighbour), not the intensity change.
+    """
     for axis in config.flip_axes:
         if rng.random() < config.flip_probability:
             volume = np.flip(volume, axis)
+            mask = None if mask is None else np.flip(mask, axis)
     if config.rotation_degrees > 0 and rng.random() < config.rotation_probability:
         angle = rng.uniform(-config.rotation_degrees, config.rotation_degrees)
         axes = [(0, 1), (0, 2), (1, 2)][int(rng.integers(3))]
         volume = scipy.ndimage.rotate(
             volume, angle, axes=axes, reshape=False, order=1, mode="nearest"
         )
+        if mask is not None:
+            mask = scipy.ndimage.rotate(mask, angle, axes=axes, reshape=False, order=0)
     scale = 1.0 + rng.uniform(-config.intensity_scale, config.intensity_scale)
     shift = rng.uniform(-config.intensity_shift, config.intensity_shift)
-    return np.ascontiguousarray(volume * np.float32(scale) + np.float32(shift), np.float32)
+    volume = np.ascontiguousarray(volume * np.float32(scale) + np.float32(shift), np.float32)
+    return volume if mask is None else (volume, np.ascontiguousarray(mask))
+
+
+def mask_on_grid(mask: np.ndarray, shape) -> np.ndarray:
+    """A (X, Y, Z) lesion mask brought to a coarser grid `shape`: a cell is 1 when any voxel is.
+
+    The factor per axis is `ceil(X / x)`, as for stride-2 "same" convolutions; the volume is
+    padded with zeros at the far end to a whole number of cells.
+    """
+    factors = [-(-n // m) for n, m in zip(mask.shape, shape)]
+    padded = np.zeros([f * m for f, m in zip(factors, shape)], np.uint8)
+    padded[tuple(slice(0, min(n, p)) for n, p in zip(mask.shape, padded.shape))] = mask[
+        tuple(slice(0, p) for p in padded.shape)
+    ]
+    blocks = padded.reshape(shape[0], factors[0], shape[1], factors[1], shape[2], factors[2])
+    return blocks.max(axis=(1, 3, 5))
+
+
+def mask_loss(positive_weight: float):
+    """Per-scan weighted binary cross-entropy between gate coefficients and a lesion mask.
+
+    `y_true` and `y_pred` are (B, x, y, z, 1) in [0, 1]; lesion cells weigh `positive_weight`
+    (they are a small share of a scan). Returns (B,), so sample weights apply per scan.
+    """
+
+    def loss(y_true, y_pred):
+        y_true = keras.ops.cast(y_true, "float32")
+        p = keras.ops.clip(keras.ops.cast(y_pred, "float32"), 1e-6, 1.0 - 1e-6)
+        weight = 1.0 + (positive_weight - 1.0) * y_true
+        cross = -(y_true * keras.ops.log(p) + (1.0 - y_true) * keras.ops.log(1.0 - p))
+        return keras.ops.mean(weight * cross, axis=tuple(range(1, len(y_true.shape))))
+
+    loss.__name__ = "gate_mask_loss"
+    return loss
+
+
+def pooling_mask_loss(y_true, y_pred):
+    """Cross-entropy of attention-pooling weights with the lesion mask spread evenly on its cells.
+
+    `y_true` (B, x, y, z) is a lesion mask on the pooling grid, `y_pred` the pooling weights
+    (B, x, y, z), which sum to 1 per scan. Minimal when all the weight lies on lesion cells.
+    Returns (B,); 0 for scans without lesion cells (there is nothing to point at).
+    """
+    axes = tuple(range(1, len(y_true.shape)))
+    y_true = keras.ops.cast(y_true, "float32")
+    share = y_true / keras.ops.maximum(keras.ops.sum(y_true, axis=axes, keepdims=True), 1.0)
+    log_weights = keras.ops.log(keras.ops.clip(keras.ops.cast(y_pred, "float32"), 1e-8, 1.0))
+    return -keras.ops.sum(share * log_weights, axis=axes)
 
 
 class VolumeBatches(keras.utils.PyDataset):
     """Shuffled, augmented batches `(x (B, X, Y, Z, 1), y (B,), sample_weight (B,))`.
 
-    The order and the augmentation are deterministic per seed, epoch and batch index.
+    With `mask_grids` (`{output name: map shape}`), `y` and `sample_weight` are dicts:
+    `"probability"` as above, and per name the lesion masks on that grid (B, *shape) with
+    weight 1 for scans whose mask is known (a mask file, or a scan without lesion) and 0 for
+    the others. The order and the augmentation are deterministic per seed, epoch and batch index.
     """
 
     def __init__(
-        self, volumes: Volumes, batch_size, augment=None, class_weight=None, seed=0, **kwargs
+        self,
+        volumes: Volumes,
+        batch_size,
+        augment=None,
+        class_weight=None,
+        seed=0,
+        mask_grids=None,
+        **kwargs,
     ):
         super().__init__(**kwargs)
         self.volumes = volumes
@@ -368,6 +461,7 @@ class VolumeBatches(keras.utils.PyDataset):
         self.augment = augment
         self.class_weight = class_weight or {0: 1.0, 1: 1.0}
         self.seed = seed
+        self.mask_grids = dict(mask_grids or {})
         self.epoch = 0
         self._shuffle()
 
@@ -381,20 +475,109 @@ class VolumeBatches(keras.utils.PyDataset):
     def __getitem__(self, index):
         indices = self.order[index * self.batch_size : (index + 1) * self.batch_size]
         rng = np.random.default_rng([self.seed, self.epoch, index, 1])
-        batch = []
+        batch, masks = [], []
         for i in indices:
             volume = self.volumes.images[i].astype(np.float32)
+            mask = self.volumes.masks[i] if self.mask_grids else None
             if self.augment is not None and self.augment.enabled:
-                volume = augment_volume(volume, rng, self.augment)
+                volume = augment_volume(volume, rng, self.augment, mask=mask)
+                if mask is not None:
+                    volume, mask = volume
             batch.append(volume)
+            masks.append(mask)
         x = np.stack(batch)[..., None]  # (B, X, Y, Z) -> (B, X, Y, Z, 1)
         y = self.volumes.labels[indices].astype(np.float32)
         w = np.asarray([self.class_weight[int(label)] for label in y], np.float32)
-        return x, y, w
+        if not self.mask_grids:
+            return x, y, w
+        known = (self.volumes.has_mask[indices] | (self.volumes.labels[indices] == 0)).astype(
+            np.float32
+        )
+        targets, weights = {"probability": y}, {"probability": w}
+        on_grid = {}  # a gate and its pooling share a grid: bring the masks there once
+        for name, shape in self.mask_grids.items():
+            grid = tuple(shape[:3])
+            if grid not in on_grid:
+                on_grid[grid] = np.stack([mask_on_grid(m, grid) for m in masks])  # (B, *grid)
+            # the map's shape: (B, x, y, z, 1) for gate coefficients, (B, x, y, z) for pooling
+            targets[name] = on_grid[grid].reshape((len(masks), *shape))
+            weights[name] = known
+        return x, targets, weights
 
     def on_epoch_end(self):
         self.epoch += 1
         self._shuffle()
+
+
+def _supervised_maps(model: keras.Model, volumes: Volumes, optim: OptimConfig) -> dict:
+    """`{name: (maps, loss weight)}` of the attention maps to fit to the lesion masks (maybe none).
+
+    The coefficients of each `AttentionGate` (weight `optim.mask_loss_weight`) and the weights
+    of each `GatedAttentionPooling` (`optim.mask_pooling_weight`) that the model returns, minus
+    those whose weight is 0. None at all when no lesion scan of the train split has a mask (the
+    gates would only learn to close) or when no gate is supervised (ViT, custom models).
+    """
+    from toolkit.layers import AttentionGate, GatedAttentionPooling
+
+    if not np.any(volumes.has_mask & (volumes.labels == 1)):
+        return {}
+    maps, gated = {}, False
+    for layer in model.layers:
+        if isinstance(layer, AttentionGate):
+            weight = optim.mask_loss_weight
+        elif isinstance(layer, GatedAttentionPooling):
+            weight = optim.mask_pooling_weight
+        else:
+            continue
+        output = layer.output
+        if weight > 0 and isinstance(output, (list, tuple)) and len(output) > 1:
+            maps[layer.name] = (output[1], weight)
+            gated = gated or isinstance(layer, AttentionGate)
+    return maps if gated else {}
+
+
+def compile_for_training(model: keras.Model, volumes: Volumes, config: TrainConfig):
+    """Compile `model` for `fit`; returns `(fit_model, gates)`.
+
+    Without mask supervision (see `OptimConfig.mask_loss_weight` and `_supervised_maps`),
+    `fit_model` is `model`, compiled with AdamW and binary cross-entropy, and `gates` is `{}`.
+    With it, `fit_model` shares every layer of `model` and also outputs the maps fitted to the
+    lesion masks (`gates`: `{name: tensor}`): the coefficients of each gate, with `mask_loss`
+    weighted by `mask_loss_weight`, and the weights of each attention pooling, with
+    `pooling_mask_loss` weighted by `mask_pooling_weight`. `model` is compiled with the same
+    optimizer, so the classifier that is validated, saved and logged carries the optimizer
+    state and learning rate too.
+    """
+    from pipelines.medimg.heatmaps import resolve_jit
+    from toolkit.layers import AttentionGate
+
+    supervised = _supervised_maps(model, volumes, config.optim)
+    gates = {name: maps for name, (maps, _) in supervised.items()}
+    optimizer = keras.optimizers.AdamW(
+        learning_rate=config.optim.learning_rate, weight_decay=config.optim.weight_decay
+    )
+    jit_compile = resolve_jit(config.jit_compile)
+    if not gates:
+        model.compile(
+            optimizer=optimizer, loss=keras.losses.BinaryCrossentropy(), jit_compile=jit_compile
+        )
+        return model, gates
+    fit_model = keras.Model(
+        model.inputs, {"probability": model.outputs[0], **gates}, name=f"{model.name}_fit"
+    )
+    gate_loss = mask_loss(config.optim.mask_positive_weight)
+    losses = {"probability": keras.losses.BinaryCrossentropy()}
+    for name in gates:
+        is_gate = isinstance(model.get_layer(name), AttentionGate)
+        losses[name] = gate_loss if is_gate else pooling_mask_loss
+    fit_model.compile(
+        optimizer=optimizer,
+        loss=losses,
+        loss_weights={"probability": 1.0, **{n: w for n, (_, w) in supervised.items()}},
+        jit_compile=jit_compile,
+    )
+    model.compile(optimizer=optimizer, loss=keras.losses.BinaryCrossentropy())
+    return fit_model, gates
 
 
 def class_weights(labels) -> dict[int, float]:
@@ -566,7 +749,6 @@ def train(
     """
     from pipelines.medimg.datasets import read_datalist
     from pipelines.medimg.evaluate import confusion_figure, evaluate_records, roc_figure
-    from pipelines.medimg.heatmaps import resolve_jit
     from toolkit.tracking import data_fingerprint, tracking_run
 
     started = time.time()
@@ -617,13 +799,9 @@ def train(
     }
     with scale.scope():  # dtype policy, distribution strategy
         model = (model_fn or build_model)(config.model, config.preprocess, metadata=metadata)
-        model.compile(
-            optimizer=keras.optimizers.AdamW(
-                learning_rate=config.optim.learning_rate, weight_decay=config.optim.weight_decay
-            ),
-            loss=keras.losses.BinaryCrossentropy(),
-            jit_compile=resolve_jit(config.jit_compile),
-        )
+        fit_model, gates = compile_for_training(model, volumes["train"], config)
+    if gates and progress:
+        print(f"mask supervision: {', '.join(gates)} fitted to the lesion masks", file=sys.stderr)
     weights = class_weights(volumes["train"].labels) if config.optim.class_weights else None
     batches = VolumeBatches(
         volumes["train"],
@@ -631,6 +809,7 @@ def train(
         augment=config.augment,
         class_weight=weights,
         seed=config.seed,
+        mask_grids={name: tuple(int(n) for n in t.shape[1:]) for name, t in gates.items()},
         workers=config.data.loader_workers,
     )
     monitor = ValidationMonitor(
@@ -654,9 +833,12 @@ def train(
         fit_callbacks = [
             InterruptAtSafePoints(),  # Ctrl-C/SIGTERM between steps, before the epoch's work
             scale.callback(),  # `loader_share` in the logs the others see
-            monitor,
+            ForwardingCallback(monitor, model),
             scale.chief_callback(
-                tracker.callback(image_fn=monitor.example_figure, input_example=example)
+                ForwardingCallback(
+                    tracker.callback(image_fn=monitor.example_figure, input_example=example),
+                    model,
+                )
             ),
             keras.callbacks.EarlyStopping(
                 monitor="val_auc", mode="max", patience=config.optim.patience
@@ -670,7 +852,7 @@ def train(
         fit_callbacks.extend(callbacks)
         fit_start = time.perf_counter()
         with interrupts_at_safe_points():
-            model.fit(
+            fit_model.fit(
                 scale.batches(batches),
                 epochs=config.optim.epochs,
                 callbacks=fit_callbacks,
@@ -719,10 +901,9 @@ def train(
             "val_scans": len(volumes["val"].labels),
             "test_scans": evaluation.get("scans", 0),
             "skipped": skipped,
-            "train_scans_per_second": (
-                trained_scans / train_seconds if train_seconds else None
-            ),
+            "train_scans_per_second": (trained_scans / train_seconds if train_seconds else None),
             "parameters": int(model.count_params()),
+            "mask_supervision": sorted(gates),
             "architecture": model_metadata(model).get("architecture", config.model.name),
             "backend": keras.backend.backend(),
             "datalist": str(datalist_path),

@@ -73,6 +73,9 @@ class Rows(keras.utils.PyDataset):
         y = np.arange(n, dtype="float32")[:, None]
         if not self.as_dict:
             x = x["a"]
+        if self.weights == "dict":  # one weight per output, as for several losses
+            y = {"out": y, "aux": -y}
+            return x, y, {"out": np.full((n,), 0.5, "float32"), "aux": np.ones((n,), "float32")}
         if self.weights:
             return x, y, np.full((n,), 0.5, "float32")
         return x, y
@@ -107,6 +110,11 @@ def test_batches_are_padded_to_the_devices_and_sliced_per_process():
     assert len(y) == 3 and timing.seconds > 0
     parts[0].on_epoch_end()
     assert rows.epochs_ended == 1
+    # Several outputs: every weight of a padding row is 0.
+    x, y, w = TimedBatches(Rows([3], weights="dict"), timing, num_replicas=4)[0]
+    np.testing.assert_array_equal(y["aux"][:, 0], [0, -1, -2, 0])
+    np.testing.assert_array_equal(w["out"], [0.5, 0.5, 0.5, 0])
+    np.testing.assert_array_equal(w["aux"], [1, 1, 1, 0])
 
 
 def test_loader_share_is_logged_each_epoch_and_summarised():

@@ -107,17 +107,17 @@ def test_maps_are_batched_per_scan_in_unit_range(models, name, method):
 def test_native_map_of_the_gated_model_is_pooling_times_gates(models):
     model, images = models[0]["attention-gated"], models[1]
     raw = heatmap_model(model).predict_on_batch(images)
-    assert set(raw) == {"probability", "gate/gate_1", "gate/gate_2", "pool/pool_1", "pool/pool_2",
-                        "pool/pool_3"}  # fmt: skip
+    assert set(raw) == {"probability", "gate/gate_0", "gate/gate_1", "gate/gate_2", "pool/pool_0",
+                        "pool/pool_1", "pool/pool_2", "pool/pool_3"}  # fmt: skip
     expected = 0.0
-    for stage in (1, 2):
+    for stage in (0, 1, 2):
         weights = np.asarray(raw[f"pool/pool_{stage}"])
         np.testing.assert_allclose(weights.reshape(3, -1).sum(axis=1), 1.0, atol=1e-5)
         weights = weights / weights.reshape(3, -1).max(axis=1).reshape(3, 1, 1, 1)
         alpha = np.asarray(raw[f"gate/gate_{stage}"])[..., 0]
         expected = expected + upsample_map(weights * alpha, (16, 24, 16))
     _, maps = native_heatmaps(model, images)
-    np.testing.assert_allclose(maps, normalize_maps(expected / 2), atol=1e-5)
+    np.testing.assert_allclose(maps, normalize_maps(expected / 3), atol=1e-5)
 
 
 def test_native_map_of_the_vit_is_the_class_token_rollout(models):

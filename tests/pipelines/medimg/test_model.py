@@ -56,17 +56,24 @@ def test_model_maps_volumes_to_probabilities_and_reloads_in_safe_mode(tmp_path, 
     assert '"max_abs_z": 6.0' in text and '"spacing": [5.0, 5.0, 5.0]' in text
 
 
-def test_attention_gated_model_gates_stages_with_the_coarsest_one():
+def test_attention_gated_model_gates_each_stage_with_deeper_ones_on_its_own_grid():
     model = build_model(SMALL["attention-gated"], PREPROCESS)
     gates = [layer for layer in model.layers if isinstance(layer, AttentionGate)]
     pools = [layer for layer in model.layers if isinstance(layer, GatedAttentionPooling)]
-    assert [g.name for g in gates] == ["gate_1", "gate_2"]
-    assert [p.name for p in pools] == ["pool_1", "pool_2", "pool_3"]
-    # Stage grids halve: 16x24x16 -> stem 8x12x8 -> 4x6x4 -> 2x3x2 -> gating 1x2x1.
-    assert tuple(gates[0].output[1].shape) == (None, 4, 6, 4, 1)
-    assert tuple(gates[1].output[1].shape) == (None, 2, 3, 2, 1)
-    assert tuple(pools[0].output[1].shape) == (None, 4, 6, 4)
+    assert [g.name for g in gates] == ["gate_0", "gate_1", "gate_2"]
+    assert [p.name for p in pools] == ["pool_0", "pool_1", "pool_2", "pool_3"]
+    # Stage grids halve: 16x24x16 -> stem 8x12x8 -> 4x6x4 -> 2x3x2 -> coarsest 1x2x1; one
+    # coefficient per cell of the gated stage.
+    assert tuple(gates[0].output[1].shape) == (None, 8, 12, 8, 1)
+    assert tuple(gates[1].output[1].shape) == (None, 4, 6, 4, 1)
+    assert tuple(gates[2].output[1].shape) == (None, 2, 3, 2, 1)
+    assert tuple(pools[1].output[1].shape) == (None, 4, 6, 4)
     assert tuple(model.get_layer("stage3_b_relu").output.shape) == (None, 1, 2, 1, 16)
+    # Gate 1's gating signal: stage 2 (8 channels) and the coarsest stage 3 (16), upsampled
+    # to stage 1's grid (2x3x2 -> 4x6x4 and 1x2x1 -> 4x8x4, cropped to 4x6x4).
+    assert tuple(model.get_layer("gating_1").output.shape) == (None, 4, 6, 4, 24)
+    # The classifier reads the pooled features of stages 0-3 and the peak of each gate.
+    assert model.get_layer("pooled").output.shape[-1] == 4 + 8 + 8 + 16 + 3
 
 
 def test_vit_returns_attention_of_every_block():

@@ -74,6 +74,7 @@ def test_grad_cam_keeps_the_sign_most_important_voxel_is_highest():
 
 @pytest.fixture(scope="module")
 def models():
+    keras.utils.set_random_seed(3)  # untrained weights: the same maps in every run
     preprocess = PreprocessConfig(shape=(16, 24, 16))
     gated = build_model(ModelConfig(filters=[4, 8, 8, 16], gate_dim=4, pooling_dim=8), preprocess)
     vit = build_model(
@@ -95,7 +96,13 @@ def test_maps_are_batched_per_scan_in_unit_range(models, name, method):
     probabilities, maps = compute(model, images, batch_size=2)
     assert maps.shape == (3, 16, 24, 16)
     assert maps.min() >= 0.0 and maps.max() <= 1.0 + 1e-6
-    np.testing.assert_allclose(maps.reshape(3, -1).max(axis=1), 1.0, atol=1e-5)
+    peaks = maps.reshape(3, -1).max(axis=1)
+    if method == "gradcam":
+        # Grad-CAM keeps positive evidence only: an untrained model may have none for a scan
+        # (an all-zero map); every other map is scaled to a maximum of 1.
+        assert np.any(peaks > 0)
+        peaks = peaks[peaks > 0]
+    np.testing.assert_allclose(peaks, 1.0, atol=1e-5)
     np.testing.assert_allclose(
         probabilities, np.asarray(model.predict(images, verbose=0)).reshape(-1), atol=1e-5
     )

@@ -510,10 +510,11 @@ class VolumeBatches(keras.utils.PyDataset):
 
 
 def _supervised_maps(model: keras.Model, volumes: Volumes, optim: OptimConfig) -> dict:
-    """`{name: (maps, loss weight)}` of the attention maps to fit to the lesion masks (maybe none).
+    """`{name: (maps, loss, weight)}` of the attention maps to fit to the lesion masks (maybe none).
 
-    The coefficients of each `AttentionGate` (weight `optim.mask_loss_weight`) and the weights
-    of each `GatedAttentionPooling` (`optim.mask_pooling_weight`) that the model returns, minus
+    The coefficients of each `AttentionGate` (`mask_loss`, weight `optim.mask_loss_weight`) and
+    the weights of each `GatedAttentionPooling` (`pooling_mask_loss`, `optim.mask_pooling_weight`)
+    that the model returns, minus
     those whose weight is 0. None at all when no lesion scan of the train split has a mask (the
     gates would only learn to close) or when no gate is supervised (ViT, custom models).
     """
@@ -521,17 +522,18 @@ def _supervised_maps(model: keras.Model, volumes: Volumes, optim: OptimConfig) -
 
     if not np.any(volumes.has_mask & (volumes.labels == 1)):
         return {}
+    gate_loss = mask_loss(optim.mask_positive_weight)
     maps, gated = {}, False
     for layer in model.layers:
         if isinstance(layer, AttentionGate):
-            weight = optim.mask_loss_weight
+            loss, weight = gate_loss, optim.mask_loss_weight
         elif isinstance(layer, GatedAttentionPooling):
-            weight = optim.mask_pooling_weight
+            loss, weight = pooling_mask_loss, optim.mask_pooling_weight
         else:
             continue
         output = layer.output
         if weight > 0 and isinstance(output, (list, tuple)) and len(output) > 1:
-            maps[layer.name] = (output[1], weight)
+            maps[layer.name] = (output[1], loss, weight)
             gated = gated or isinstance(layer, AttentionGate)
     return maps if gated else {}
 
@@ -549,10 +551,9 @@ def compile_for_training(model: keras.Model, volumes: Volumes, config: TrainConf
     state and learning rate too.
     """
     from pipelines.medimg.heatmaps import resolve_jit
-    from toolkit.layers import AttentionGate
 
     supervised = _supervised_maps(model, volumes, config.optim)
-    gates = {name: maps for name, (maps, _) in supervised.items()}
+    gates = {name: maps for name, (maps, _, _) in supervised.items()}
     optimizer = keras.optimizers.AdamW(
         learning_rate=config.optim.learning_rate, weight_decay=config.optim.weight_decay
     )
@@ -565,15 +566,13 @@ def compile_for_training(model: keras.Model, volumes: Volumes, config: TrainConf
     fit_model = keras.Model(
         model.inputs, {"probability": model.outputs[0], **gates}, name=f"{model.name}_fit"
     )
-    gate_loss = mask_loss(config.optim.mask_positive_weight)
-    losses = {"probability": keras.losses.BinaryCrossentropy()}
-    for name in gates:
-        is_gate = isinstance(model.get_layer(name), AttentionGate)
-        losses[name] = gate_loss if is_gate else pooling_mask_loss
     fit_model.compile(
         optimizer=optimizer,
-        loss=losses,
-        loss_weights={"probability": 1.0, **{n: w for n, (_, w) in supervised.items()}},
+        loss={
+            "probability": keras.losses.BinaryCrossentropy(),
+            **{name: loss for name, (_, loss, _) in supervised.items()},
+        },
+        loss_weights={"probability": 1.0, **{n: w for n, (_, _, w) in supervised.items()}},
         jit_compile=jit_compile,
     )
     model.compile(optimizer=optimizer, loss=keras.losses.BinaryCrossentropy())

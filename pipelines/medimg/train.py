@@ -87,6 +87,7 @@ CONFIG_FILENAME = "config.yaml"
 METRICS_FILENAME = "metrics.json"
 STATE_FILENAME = "validation_state.json"
 CACHE_VERSION = 1
+MASK_WEIGHTINGS = ("per-scan", "per-cell")
 
 
 @dataclasses.dataclass
@@ -142,10 +143,16 @@ class OptimConfig:
     max_minutes: float | None = None  # stop training after this much time
     class_weights: bool = True  # balance the classes with sample weights
     # Lesion masks, where the datalist has them, supervise the attention gates: each gate's
-    # coefficients are fitted to the mask on the gate's grid (weighted binary cross-entropy,
-    # lesion cells weighing `mask_positive_weight`), added to the loss times this weight.
-    # 0 turns it off; a train split without any mask of a lesion scan turns all of it off.
+    # coefficients are fitted to the mask on the gate's grid (weighted binary cross-entropy),
+    # added to the loss times this weight. 0 turns it off; a train split without any mask of a
+    # lesion scan turns all of it off.
     mask_loss_weight: float = 10.0
+    # How lesion cells are weighted in that cross-entropy: "per-scan" (a scan's lesion cells
+    # share the weight `mask_lesion_weight` x the number of cells on the grid, so a small lesion
+    # counts as much as a large one) or "per-cell" (each lesion cell weighs
+    # `mask_positive_weight`, so large lesions dominate).
+    mask_weighting: str = "per-scan"
+    mask_lesion_weight: float = 0.03
     mask_positive_weight: float = 30.0
     # ... and the attention pooling: the cross-entropy of each pooling's weights with the lesion
     # mask spread evenly over its cells (lesion scans only), times this weight. 0 = off.
@@ -158,11 +165,16 @@ class OptimConfig:
             raise ValueError(f"learning_rate must be positive. Received: {self.learning_rate}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"max_minutes must be positive. Received: {self.max_minutes}")
-        weights = (self.mask_loss_weight, self.mask_pooling_weight, self.mask_positive_weight)
-        if min(weights[:2]) < 0 or weights[2] <= 0:
+        weights = (self.mask_loss_weight, self.mask_pooling_weight)
+        if min(weights) < 0 or min(self.mask_positive_weight, self.mask_lesion_weight) <= 0:
             raise ValueError(
-                "mask_loss_weight and mask_pooling_weight must be >= 0 and mask_positive_weight "
-                f"> 0. Received: {weights}"
+                "mask_loss_weight and mask_pooling_weight must be >= 0, mask_positive_weight and "
+                f"mask_lesion_weight > 0. Received: {weights}, {self.mask_positive_weight}, "
+                f"{self.mask_lesion_weight}"
+            )
+        if self.mask_weighting not in MASK_WEIGHTINGS:
+            raise ValueError(
+                f"mask_weighting must be one of {MASK_WEIGHTINGS}. Received: {self.mask_weighting}"
             )
 
 
@@ -395,28 +407,48 @@ def mask_on_grid(mask: np.ndarray, shape) -> np.ndarray:
     The factor per axis is `ceil(X / x)`, as for stride-2 "same" convolutions; the volume is
     padded with zeros at the far end to a whole number of cells.
     """
-    factors = [-(-n // m) for n, m in zip(mask.shape, shape)]
-    padded = np.zeros([f * m for f, m in zip(factors, shape)], np.uint8)
-    padded[tuple(slice(0, min(n, p)) for n, p in zip(mask.shape, padded.shape))] = mask[
-        tuple(slice(0, p) for p in padded.shape)
-    ]
-    blocks = padded.reshape(shape[0], factors[0], shape[1], factors[1], shape[2], factors[2])
-    return blocks.max(axis=(1, 3, 5))
+    return masks_on_grids(mask, [shape])[0]
 
 
-def mask_loss(positive_weight: float):
+def masks_on_grids(mask: np.ndarray, shapes) -> list[np.ndarray]:
+    """`mask_on_grid(mask, shape)` for each of `shapes`, finding the lesion voxels once."""
+    voxels = np.nonzero(mask)  # lesions are sparse: mark their cells, reduce no blocks
+    grids = []
+    for shape in shapes:
+        grid = np.zeros(tuple(shape), np.uint8)
+        factors = [-(-n // m) for n, m in zip(mask.shape, shape)]
+        grid[tuple(c // f for c, f in zip(voxels, factors))] = 1
+        grids.append(grid)
+    return grids
+
+
+def mask_loss(positive_weight: float = 30.0, lesion_weight: float | None = None):
     """Per-scan weighted binary cross-entropy between gate coefficients and a lesion mask.
 
-    `y_true` and `y_pred` are (B, x, y, z, 1) in [0, 1]; lesion cells weigh `positive_weight`
-    (they are a small share of a scan). Returns (B,), so sample weights apply per scan.
+    `y_true` and `y_pred` are (B, x, y, z, 1) in [0, 1]. Lesion cells are a small share of a
+    scan, so they weigh more than background cells (weight 1):
+
+    - `lesion_weight=None`: each lesion cell weighs `positive_weight`;
+    - otherwise a scan's `n` lesion cells each weigh `lesion_weight * N / n` on a grid of `N`
+      cells (at least 1), so the loss is the mean background cross-entropy plus
+      `lesion_weight` times the mean cross-entropy over the lesion cells, whatever the
+      lesion's size.
+
+    Returns (B,), so sample weights apply per scan.
     """
 
     def loss(y_true, y_pred):
         y_true = keras.ops.cast(y_true, "float32")
         p = keras.ops.clip(keras.ops.cast(y_pred, "float32"), 1e-6, 1.0 - 1e-6)
-        weight = 1.0 + (positive_weight - 1.0) * y_true
+        axes = tuple(range(1, len(y_true.shape)))
+        if lesion_weight is None:
+            weight = 1.0 + (positive_weight - 1.0) * y_true
+        else:
+            cells = float(np.prod(y_true.shape[1:]))
+            lesion = keras.ops.maximum(keras.ops.sum(y_true, axis=axes, keepdims=True), 1.0)
+            weight = 1.0 + keras.ops.maximum(lesion_weight * cells / lesion - 1.0, 0.0) * y_true
         cross = -(y_true * keras.ops.log(p) + (1.0 - y_true) * keras.ops.log(1.0 - p))
-        return keras.ops.mean(weight * cross, axis=tuple(range(1, len(y_true.shape))))
+        return keras.ops.mean(weight * cross, axis=axes)
 
     loss.__name__ = "gate_mask_loss"
     return loss
@@ -494,13 +526,13 @@ class VolumeBatches(keras.utils.PyDataset):
             np.float32
         )
         targets, weights = {"probability": y}, {"probability": w}
-        on_grid = {}  # a gate and its pooling share a grid: bring the masks there once
+        # a gate and its pooling share a grid: bring the masks there once
+        grids = sorted({tuple(shape[:3]) for shape in self.mask_grids.values()})
+        per_scan = [masks_on_grids(m, grids) for m in masks]
+        on_grid = {g: np.stack([scan[k] for scan in per_scan]) for k, g in enumerate(grids)}
         for name, shape in self.mask_grids.items():
-            grid = tuple(shape[:3])
-            if grid not in on_grid:
-                on_grid[grid] = np.stack([mask_on_grid(m, grid) for m in masks])  # (B, *grid)
             # the map's shape: (B, x, y, z, 1) for gate coefficients, (B, x, y, z) for pooling
-            targets[name] = on_grid[grid].reshape((len(masks), *shape))
+            targets[name] = on_grid[tuple(shape[:3])].reshape((len(masks), *shape))
             weights[name] = known
         return x, targets, weights
 
@@ -522,7 +554,10 @@ def _supervised_maps(model: keras.Model, volumes: Volumes, optim: OptimConfig) -
 
     if not np.any(volumes.has_mask & (volumes.labels == 1)):
         return {}
-    gate_loss = mask_loss(optim.mask_positive_weight)
+    per_scan = optim.mask_weighting == "per-scan"
+    gate_loss = mask_loss(
+        optim.mask_positive_weight, optim.mask_lesion_weight if per_scan else None
+    )
     maps, gated = {}, False
     for layer in model.layers:
         if isinstance(layer, AttentionGate):

@@ -17,6 +17,7 @@ from pipelines.medimg.train import (
     compile_for_training,
     mask_loss,
     mask_on_grid,
+    masks_on_grids,
     pooling_mask_loss,
     resolve_config,
 )
@@ -35,6 +36,19 @@ def test_mask_on_grid_marks_every_cell_touched_by_the_lesion():
     expected[2, 0, 0] = expected[0, 3, 1] = 1
     np.testing.assert_array_equal(out, expected)
     np.testing.assert_array_equal(mask_on_grid(mask, mask.shape), mask)
+
+
+def test_masks_on_grids_equals_max_pooling_each_grid():
+    rng = np.random.default_rng(3)
+    mask = (rng.random((12, 10, 9)) < 0.02).astype(np.uint8)
+    shapes = [(6, 5, 5), (3, 3, 3), (12, 10, 9), (1, 1, 1)]
+    for shape, got in zip(shapes, masks_on_grids(mask, shapes)):
+        factors = [-(-n // m) for n, m in zip(mask.shape, shape)]
+        padded = np.zeros([f * m for f, m in zip(factors, shape)], np.uint8)
+        padded[: mask.shape[0], : mask.shape[1], : mask.shape[2]] = mask
+        blocks = padded.reshape(shape[0], factors[0], shape[1], factors[1], shape[2], factors[2])
+        np.testing.assert_array_equal(got, blocks.max(axis=(1, 3, 5)), err_msg=str(shape))
+    assert not masks_on_grids(np.zeros((4, 4, 4)), [(2, 2, 2)])[0].any()
 
 
 def test_pooling_mask_loss_is_the_cross_entropy_with_the_spread_mask():
@@ -59,6 +73,24 @@ def test_mask_loss_matches_weighted_cross_entropy():
     expected = (weight * cross).reshape(2, -1).mean(axis=1)
     got = keras.ops.convert_to_numpy(mask_loss(30.0)(y_true, y_pred))
     np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_per_scan_mask_loss_weighs_small_and_large_lesions_alike():
+    # 100 cells; scan 0 has a 2-cell lesion, scan 1 a 20-cell one, scan 2 none. Every lesion
+    # cell has p = 0.5 and every background cell p = 0.1, so each scan's loss is the mean
+    # background cross-entropy plus 0.3 x log 2, whatever the lesion's size.
+    y_true = np.zeros((3, 10, 10, 1, 1), np.float32)
+    y_true[0, 0, :2] = 1
+    y_true[1, :2, :] = 1
+    y_pred = np.where(y_true > 0, 0.5, 0.1).astype(np.float32)
+    got = keras.ops.convert_to_numpy(mask_loss(lesion_weight=0.3)(y_true, y_pred))
+    background = -np.log(0.9) * np.array([98, 80, 100]) / 100
+    np.testing.assert_allclose(got, background + np.array([0.3, 0.3, 0.0]) * np.log(2), rtol=1e-5)
+    # A lesion cell never weighs less than a background cell: 0.3 x 100 / 50 < 1.
+    y_true[1, :5, :] = 1
+    y_pred = np.where(y_true > 0, 0.5, 0.1).astype(np.float32)
+    got = keras.ops.convert_to_numpy(mask_loss(lesion_weight=0.3)(y_true, y_pred))
+    np.testing.assert_allclose(got[1], (50 * -np.log(0.9) + 50 * np.log(2)) / 100, rtol=1e-5)
 
 
 def test_masks_follow_the_flips_and_rotations_of_their_volume():
@@ -152,9 +184,17 @@ def test_no_supervision_without_lesion_masks_weight_or_gates():
     assert compile_for_training(build_model(vit, PREPROCESS), volumes, config)[1] == {}
 
 
-@pytest.mark.parametrize("override", ["optim.mask_loss_weight=-1", "optim.mask_positive_weight=0"])
-def test_bad_mask_loss_settings_are_rejected(override):
-    with pytest.raises(UserError, match="mask_loss_weight"):
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.mask_loss_weight=-1", "mask_loss_weight"),
+        ("optim.mask_positive_weight=0", "mask_positive_weight"),
+        ("optim.mask_lesion_weight=0", "mask_lesion_weight"),
+        ("optim.mask_weighting=per-voxel", "mask_weighting must be one of"),
+    ],
+)
+def test_bad_mask_loss_settings_are_rejected(override, message):
+    with pytest.raises(UserError, match=message):
         resolve_config(None, [override])
 
 

@@ -102,6 +102,44 @@ class TimeBudget(keras.callbacks.Callback):
             self.stopped = True
 
 
+class LinearDecay(keras.callbacks.Callback):
+    """Learning rate falling linearly, epoch by epoch, to `final_fraction` of its start value.
+
+    The decay spans the run: `epochs` epochs, or `max_minutes` of wall time from the start of
+    `fit` when that comes first (as for `TimeBudget`). At the start of each epoch the learning
+    rate is `initial * (1 - (1 - final_fraction) * progress)`, where `progress` in [0, 1] is the
+    larger of the share of epochs done and the share of the time used. Training under a fixed
+    budget gains from ending on a small learning rate (Li et al., 2020, "Budgeted Training",
+    https://arxiv.org/abs/1905.04753). Adds `learning_rate` to the epoch logs.
+    """
+
+    def __init__(self, initial, epochs, max_minutes=None, final_fraction=0.02):
+        super().__init__()
+        self.initial = float(initial)
+        self.epochs = int(epochs)
+        self.max_seconds = None if max_minutes is None else float(max_minutes) * 60.0
+        self.final_fraction = float(final_fraction)
+        self.start = None
+
+    def on_train_begin(self, logs=None):
+        self.start = time.perf_counter()
+
+    def rate(self, epoch, elapsed_seconds=0.0) -> float:
+        progress = epoch / max(self.epochs, 1)
+        if self.max_seconds:
+            progress = max(progress, elapsed_seconds / self.max_seconds)
+        return self.initial * (1.0 - (1.0 - self.final_fraction) * min(progress, 1.0))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.model.optimizer.learning_rate = self.rate(epoch, time.perf_counter() - self.start)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = float(
+                keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+            )
+
+
 class SafeBackupAndRestore(keras.callbacks.Callback):
     """`keras.callbacks.BackupAndRestore` that survives a kill at any moment and a bad checkpoint.
 

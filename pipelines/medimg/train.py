@@ -48,6 +48,7 @@ import scipy.ndimage
 from pipelines.common.callbacks import (
     ForwardingCallback,
     InterruptAtSafePoints,
+    LinearDecay,
     SafeBackupAndRestore,
     TimeBudget,
 )
@@ -88,6 +89,7 @@ METRICS_FILENAME = "metrics.json"
 STATE_FILENAME = "validation_state.json"
 CACHE_VERSION = 1
 MASK_WEIGHTINGS = ("per-scan", "per-cell")
+LR_SCHEDULES = ("linear", "constant")
 
 
 @dataclasses.dataclass
@@ -138,6 +140,10 @@ class OptimConfig:
 
     epochs: int = 60
     learning_rate: float = 1e-3
+    # "linear": falls linearly to `final_lr_fraction` x learning_rate over the run (the epochs,
+    # or max_minutes when that ends training first); "constant": stays at learning_rate.
+    lr_schedule: str = "linear"
+    final_lr_fraction: float = 0.02
     weight_decay: float = 1e-4
     patience: int = 12  # epochs without a better validation AUC before stopping
     max_minutes: float | None = None  # stop training after this much time
@@ -163,6 +169,14 @@ class OptimConfig:
             raise ValueError(f"epochs must be positive. Received: {self.epochs}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive. Received: {self.learning_rate}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"lr_schedule must be one of {LR_SCHEDULES}. Received: {self.lr_schedule}"
+            )
+        if not 0.0 < self.final_lr_fraction <= 1.0:
+            raise ValueError(
+                f"final_lr_fraction must be in (0, 1]. Received: {self.final_lr_fraction}"
+            )
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"max_minutes must be positive. Received: {self.max_minutes}")
         weights = (self.mask_loss_weight, self.mask_pooling_weight)
@@ -853,6 +867,16 @@ def train(
         pointing_game=config.evaluation.val_pointing_game,
     )
     budget = TimeBudget(config.optim.max_minutes) if config.optim.max_minutes else None
+    schedule = []
+    if config.optim.lr_schedule == "linear":
+        schedule.append(
+            LinearDecay(
+                config.optim.learning_rate,
+                config.optim.epochs,
+                max_minutes=config.optim.max_minutes,
+                final_fraction=config.optim.final_lr_fraction,
+            )
+        )
     fingerprint = data_fingerprint(files=[str(r.image) for r in datalist.records])
     with tracking_run(
         pipeline="medimg",
@@ -866,6 +890,7 @@ def train(
         example = volumes["val"].images[:1].astype(np.float32)[..., None]
         fit_callbacks = [
             InterruptAtSafePoints(),  # Ctrl-C/SIGTERM between steps, before the epoch's work
+            *schedule,  # before the monitor and MLflow: they log the learning rate
             scale.callback(),  # `loader_share` in the logs the others see
             ForwardingCallback(monitor, model),
             scale.chief_callback(

@@ -1,7 +1,7 @@
 import keras
 import numpy as np
 
-from pipelines.common.callbacks import TimeBudget
+from pipelines.common.callbacks import LinearDecay, TimeBudget
 
 
 def _fit(budget):
@@ -22,3 +22,27 @@ def test_generous_budget_runs_every_epoch():
     budget = TimeBudget(60.0)
     assert _fit(budget) == 5
     assert not budget.stopped
+
+
+def test_linear_decay_falls_over_the_epochs_and_applies_to_training():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    x = np.ones((8, 3), "float32")
+    decay = LinearDecay(0.1, epochs=4, final_fraction=0.2)
+    history = model.fit(x, x[:, :1], batch_size=8, epochs=4, verbose=0, callbacks=[decay])
+    np.testing.assert_allclose(history.history["learning_rate"], [0.1, 0.08, 0.06, 0.04], rtol=1e-5)
+    # A new fit starts again from the initial rate, and the optimizer steps with it (SGD moves
+    # the bias by the learning rate times its gradient).
+    bias = float(keras.ops.convert_to_numpy(model.layers[0].bias)[0])
+    gradient = 2 * (float(keras.ops.convert_to_numpy(model(x[:1]))[0, 0]) - 1)
+    model.fit(x, x[:, :1], batch_size=8, epochs=1, verbose=0, callbacks=[decay])
+    after = float(keras.ops.convert_to_numpy(model.layers[0].bias)[0])
+    np.testing.assert_allclose(after - bias, -0.1 * gradient, rtol=1e-4)
+
+
+def test_linear_decay_follows_the_time_budget_when_it_ends_first():
+    decay = LinearDecay(1.0, epochs=100, max_minutes=10.0, final_fraction=0.1)
+    assert decay.rate(0, 0.0) == 1.0
+    np.testing.assert_allclose(decay.rate(1, 300.0), 0.55)  # half the time: halfway down
+    np.testing.assert_allclose(decay.rate(90, 60.0), 0.19)  # epochs ahead of the clock
+    np.testing.assert_allclose(decay.rate(2, 900.0), 0.1)  # never below the final rate

@@ -45,6 +45,8 @@ def test_print_config_resolves_defaults_yaml_and_overrides(capsys):
         ("model.name=resnet", "model.name"),
         ("optim.learning_rat=1", "unknown config key"),
         ("augment.flip_axes=[3]", "flip_axes"),
+        ("optim.lr_schedule=cosine", "lr_schedule must be one of"),
+        ("optim.final_lr_fraction=0", "final_lr_fraction must be in (0, 1]"),
     ],
 )
 def test_bad_config_values_are_one_line_errors(capsys, override, message):
@@ -181,8 +183,11 @@ def test_tiny_config_trains_end_to_end_then_predicts_and_evaluates(tmp_path):
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["model.name"] == "attention-gated"
-    for key in ("loss", "val_auc", "val_pointing_game"):
+    for key in ("loss", "val_auc", "val_pointing_game", "learning_rate"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == [0, 1], key
+    rates = [m.value for m in client.get_metric_history(run_id, "learning_rate")]
+    start = float(run.data.params["optim.learning_rate"])
+    assert rates[0] == pytest.approx(start) and rates[1] < rates[0]  # the linear decay
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"images", "plots"} <= artifacts
     assert {a.path for a in client.list_artifacts(run_id, "plots")} == {

@@ -110,7 +110,9 @@ class LinearDecay(keras.callbacks.Callback):
     rate is `initial * (1 - (1 - final_fraction) * progress)`, where `progress` in [0, 1] is the
     larger of the share of epochs done and the share of the time used. Training under a fixed
     budget gains from ending on a small learning rate (Li et al., 2020, "Budgeted Training",
-    https://arxiv.org/abs/1905.04753). Adds `learning_rate` to the epoch logs.
+    https://arxiv.org/abs/1905.04753). Adds `learning_rate` to the epoch logs. In a
+    multi-process (multi-host) run, process 0's clock decides, so every process steps with the
+    same rate.
     """
 
     def __init__(self, initial, epochs, max_minutes=None, final_fraction=0.02):
@@ -131,7 +133,11 @@ class LinearDecay(keras.callbacks.Callback):
         return self.initial * (1.0 - (1.0 - self.final_fraction) * min(progress, 1.0))
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.model.optimizer.learning_rate = self.rate(epoch, time.perf_counter() - self.start)
+        from pipelines.common.scale import value_from_process_0
+
+        # Every process of a multi-process run must step with the same rate: process 0's clock.
+        elapsed = value_from_process_0(time.perf_counter() - self.start)
+        self.model.optimizer.learning_rate = self.rate(epoch, elapsed)
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:

@@ -384,16 +384,25 @@ def agree_with_process_0(flag: bool) -> bool:
     multi-process run, or the others wait forever for the one that stopped. One process:
     `flag` itself.
     """
+    return bool(value_from_process_0(float(bool(flag))))
+
+
+def value_from_process_0(value: float) -> float:
+    """`value` as process 0 has it, as a float32 (every process must call this at the same point).
+
+    Values that feed training (a learning rate computed from a process's own clock) must be
+    identical on every process of a multi-process JAX run. One process: `value` itself.
+    """
     if keras.backend.backend() != "jax":
-        return bool(flag)
+        return float(value)
     import jax
 
     if jax.process_count() == 1:
-        return bool(flag)
+        return float(value)
     from jax.experimental import multihost_utils
 
     with without_distribution():
-        return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(flag))))
+        return float(multihost_utils.broadcast_one_to_all(np.float32(value)))
 
 
 @contextlib.contextmanager

@@ -9,8 +9,10 @@
    warning line, counted, and reported in one `data: ...; skipped N (reason=n, ...)` line
    (and under `skipped` in `metrics.json`); training goes on with the rest;
 2. builds the model named by `model.architecture` with the tokenizer, feature parameters and
-   statistics inside it, and compiles it with Adam and the Noam warm-up schedule;
-3. fits on bucketed batches (`ASRBatches`) with, in order: `DevEvaluation` (greedy decoding of
+   statistics inside it, and compiles it with Adam;
+3. fits on bucketed batches (`ASRBatches`) with, in order: the learning-rate schedule
+   (`optim.lr_schedule`: warm-up then linear decay to the end of the run, `LinearDecay`, by
+   default; or the Noam schedule inside the optimizer), `DevEvaluation` (greedy decoding of
    the dev split each epoch, `dev_cer`/`dev_wer` in the logs, the best model saved as
    `model.keras`), the MLflow callback (loss, dev CER/WER, learning rate per epoch at steps
    0..E-1, an alignment plot of a fixed dev utterance per epoch, the final model),
@@ -29,13 +31,19 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Literal
 
 import keras
 import numpy as np
 
 from pipelines.asr.corpus import DEFAULT_UTTERANCES
 from pipelines.asr.model import ModelConfig, NoamSchedule, build_recognizer
-from pipelines.common.callbacks import InterruptAtSafePoints, SafeBackupAndRestore, TimeBudget
+from pipelines.common.callbacks import (
+    InterruptAtSafePoints,
+    LinearDecay,
+    SafeBackupAndRestore,
+    TimeBudget,
+)
 from pipelines.common.cli import interrupts_at_safe_points
 from pipelines.common.config import config_to_dict, load_config, save_config
 from pipelines.common.scale import Distribute, Precision, setup_scale
@@ -47,6 +55,7 @@ MODEL_FILENAME = "model.keras"
 CONFIG_FILENAME = "config.yaml"
 METRICS_FILENAME = "metrics.json"
 HISTORY_FILENAME = "history.json"
+LR_UPDATE_EVERY = 20  # batches between updates of the linear decay within an epoch
 
 
 @dataclasses.dataclass
@@ -54,7 +63,7 @@ class DataConfig:
     """Where the data comes from and how it is batched."""
 
     path: str | None = None  # a corpus (manifest folder, LJSpeech, wav+txt); None = built-in
-    builtin_utterances: int = DEFAULT_UTTERANCES  # size of the built-in corpus (about 5 h)
+    builtin_utterances: int = DEFAULT_UTTERANCES  # size of the built-in corpus (about 15 h)
     max_train_utterances: int | None = None  # use only the first N training utterances
     max_dev_utterances: int | None = 300  # dev utterances decoded each epoch
     batch_size: int = 16
@@ -72,11 +81,19 @@ class DataConfig:
 
 @dataclasses.dataclass
 class OptimConfig:
-    """Optimisation: Adam with the Noam warm-up schedule, early stopping, time budget."""
+    """Optimisation: Adam with a warm-up schedule, early stopping, time budget.
+
+    `lr_schedule`: `linear` warms up over `warmup_steps`, then falls linearly to
+    `final_lr_fraction` x `peak_learning_rate` at the end of the run (the epochs, or
+    `max_minutes` when that ends training first; `LinearDecay`); `noam` warms up, then decays as
+    `1/sqrt(step)` whatever the length of the run (`NoamSchedule`).
+    """
 
     epochs: int = 100
     peak_learning_rate: float = 1e-3
     warmup_steps: int = 1000
+    lr_schedule: Literal["linear", "noam"] = "linear"
+    final_lr_fraction: float = 0.02
     beta_2: float = 0.98
     clipnorm: float | None = 5.0
     patience: int = 10  # epochs without a better dev CER before stopping
@@ -87,6 +104,12 @@ class OptimConfig:
             raise ValueError(f"epochs must be positive. Received: {self.epochs}")
         if self.peak_learning_rate <= 0:
             raise ValueError(f"peak_learning_rate must be positive: {self.peak_learning_rate}")
+        if self.warmup_steps < 1:
+            raise ValueError(f"warmup_steps must be positive. Received: {self.warmup_steps}")
+        if not 0.0 <= self.final_lr_fraction <= 1.0:
+            raise ValueError(
+                f"final_lr_fraction must be in [0, 1]. Received: {self.final_lr_fraction}"
+            )
 
 
 @dataclasses.dataclass
@@ -436,9 +459,13 @@ def train(config: TrainConfig, data=None, out=None, callbacks=(), progress: bool
             feature_params=prepared.extractor.params.get_config(),
             feature_stats=prepared.stats.get_config(),
         )
-        schedule = NoamSchedule(config.optim.peak_learning_rate, config.optim.warmup_steps)
+        optim = config.optim
+        if optim.lr_schedule == "noam":
+            learning_rate = NoamSchedule(optim.peak_learning_rate, optim.warmup_steps)
+        else:  # set before every step by `LinearDecay`
+            learning_rate = optim.peak_learning_rate / optim.warmup_steps
         optimizer = keras.optimizers.Adam(
-            learning_rate=schedule, beta_2=config.optim.beta_2, clipnorm=config.optim.clipnorm
+            learning_rate=learning_rate, beta_2=optim.beta_2, clipnorm=optim.clipnorm
         )
         model.compile(optimizer=optimizer, jit_compile=_jit(config.jit_compile))
     dev_features = [prepared.extractor.compute(u.audio_filepath) for u in prepared.dev]
@@ -455,6 +482,18 @@ def train(config: TrainConfig, data=None, out=None, callbacks=(), progress: bool
         return {"dev_alignment": alignment_figure(alignment, text, title)}
 
     budget = TimeBudget(config.optim.max_minutes) if config.optim.max_minutes else None
+    schedule = []
+    if config.optim.lr_schedule == "linear":
+        schedule.append(
+            LinearDecay(
+                config.optim.peak_learning_rate,
+                config.optim.epochs,
+                max_minutes=config.optim.max_minutes,
+                final_fraction=config.optim.final_lr_fraction,
+                warmup_steps=config.optim.warmup_steps,
+                update_every=LR_UPDATE_EVERY,
+            )
+        )
     with tracking_run(
         pipeline="asr",
         config=config_to_dict(config),
@@ -467,6 +506,7 @@ def train(config: TrainConfig, data=None, out=None, callbacks=(), progress: bool
         example = {k: v[:1] for k, v in model.dummy_inputs().items()}
         fit_callbacks = [
             InterruptAtSafePoints(),  # Ctrl-C/SIGTERM between steps, before the epoch's work
+            *schedule,  # first: `learning_rate` in the logs the others see
             scale.callback(),  # `loader_share` in the logs the others see
             evaluation,
             scale.chief_callback(tracker.callback(image_fn=images, input_example=example)),

@@ -103,41 +103,86 @@ class TimeBudget(keras.callbacks.Callback):
 
 
 class LinearDecay(keras.callbacks.Callback):
-    """Learning rate falling linearly, epoch by epoch, to `final_fraction` of its start value.
+    """Learning rate falling linearly over the run to `final_fraction` of its start value.
 
     The decay spans the run: `epochs` epochs, or `max_minutes` of wall time from the start of
-    `fit` when that comes first (as for `TimeBudget`). At the start of each epoch the learning
-    rate is `initial * (1 - (1 - final_fraction) * progress)`, where `progress` in [0, 1] is the
-    larger of the share of epochs done and the share of the time used. Training under a fixed
-    budget gains from ending on a small learning rate (Li et al., 2020, "Budgeted Training",
-    https://arxiv.org/abs/1905.04753). Adds `learning_rate` to the epoch logs. In a
+    `fit` when that comes first (as for `TimeBudget`). The learning rate is
+    `initial * (1 - (1 - final_fraction) * progress)`, where `progress` in [0, 1] is the larger
+    of the share of epochs done and the share of the time used, optionally times a linear
+    warm-up `min(1, (step + 1) / warmup_steps)` over the first optimizer steps. Training under a
+    fixed budget gains from ending on a small learning rate (Li et al., 2020, "Budgeted
+    Training", https://arxiv.org/abs/1905.04753). Adds `learning_rate` to the epoch logs. In a
     multi-process (multi-host) run, process 0's clock decides, so every process steps with the
     same rate.
+
+    Args:
+        initial: float. The rate at the start (after warm-up).
+        epochs: int. Epochs of the run.
+        max_minutes: float or None. The run's time budget.
+        final_fraction: float. The rate at the end, as a fraction of `initial`.
+        warmup_steps: int. Optimizer steps of linear warm-up (`0`: none).
+        update_every: int or None. Also update the decay every this many batches within an
+            epoch (`None`: once per epoch, at its start). The warm-up is applied every step.
     """
 
-    def __init__(self, initial, epochs, max_minutes=None, final_fraction=0.02):
+    def __init__(self, initial, epochs, max_minutes=None, final_fraction=0.02, warmup_steps=0,
+                 update_every=None):  # fmt: skip
         super().__init__()
         self.initial = float(initial)
         self.epochs = int(epochs)
         self.max_seconds = None if max_minutes is None else float(max_minutes) * 60.0
         self.final_fraction = float(final_fraction)
+        self.warmup_steps = int(warmup_steps)
+        self.update_every = update_every
         self.start = None
+        self.epoch = 0
+        self.step = None
+        self.decayed = self.initial
 
     def on_train_begin(self, logs=None):
         self.start = time.perf_counter()
+        self.step = None  # read from the optimizer at the first batch (after any restore)
 
-    def rate(self, epoch, elapsed_seconds=0.0) -> float:
+    def rate(self, epoch, elapsed_seconds=0.0, step=None) -> float:
+        """The rate after `epoch` epochs (a fraction counts) and `elapsed_seconds`, at `step`."""
         progress = epoch / max(self.epochs, 1)
         if self.max_seconds:
             progress = max(progress, elapsed_seconds / self.max_seconds)
-        return self.initial * (1.0 - (1.0 - self.final_fraction) * min(progress, 1.0))
+        value = self.initial * (1.0 - (1.0 - self.final_fraction) * min(progress, 1.0))
+        if self.warmup_steps and step is not None:
+            value *= min(1.0, (step + 1) / self.warmup_steps)
+        return value
 
-    def on_epoch_begin(self, epoch, logs=None):
+    def _decay(self, epoch):
         from pipelines.common.scale import value_from_process_0
 
         # Every process of a multi-process run must step with the same rate: process 0's clock.
         elapsed = value_from_process_0(time.perf_counter() - self.start)
-        self.model.optimizer.learning_rate = self.rate(epoch, elapsed)
+        self.decayed = self.rate(epoch, elapsed)
+
+    def _apply(self):
+        rate = self.decayed
+        if self.warmup_steps and self.step is not None:
+            rate *= min(1.0, (self.step + 1) / self.warmup_steps)
+        self.model.optimizer.learning_rate = rate
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+        self._decay(epoch)
+        self._apply()
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.step is None:
+            self.step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        steps = (self.params or {}).get("steps")
+        refresh = self.update_every and batch and batch % self.update_every == 0 and steps
+        if refresh:
+            self._decay(self.epoch + batch / steps)
+        if refresh or batch == 0 or (self.warmup_steps and self.step < self.warmup_steps):
+            self._apply()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:

@@ -57,7 +57,7 @@ def _add_make_corpus(subparsers) -> None:
         "--utterances",
         type=int,
         default=DEFAULT_UTTERANCES,
-        help=f"number of utterances over all splits (default {DEFAULT_UTTERANCES}, about 5 h)",
+        help=f"number of utterances over all splits (default {DEFAULT_UTTERANCES}, about 15 h)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument(

@@ -126,6 +126,7 @@ def _transcribe(args: argparse.Namespace) -> int:
         model_path=args.model,
         beam_size=args.beam,
         ctc_weight=args.ctc_weight,
+        lm_weight=args.lm_weight,
         json_output=args.json,
         alignment_dir=args.alignment_png,
         max_segment_seconds=args.max_segment_seconds,
@@ -146,12 +147,25 @@ def _add_transcribe(subparsers) -> None:
     parser.add_argument(
         "--ctc-weight", type=float, default=0.5, help="CTC prefix score weight (default 0.5)"
     )
+    _add_lm_argument(parser)
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument(
         "--alignment-png", type=Path, default=None, help="save attention alignment plots here"
     )
     _add_segment_argument(parser)
     parser.set_defaults(handler=_transcribe)
+
+
+def _add_lm_argument(parser) -> None:
+    from pipelines.asr.lm import DEFAULT_LM_WEIGHT
+
+    parser.add_argument(
+        "--lm-weight",
+        type=float,
+        default=DEFAULT_LM_WEIGHT,
+        help="weight of the model's character language model in beam search; 0 = none "
+        f"(default {DEFAULT_LM_WEIGHT:g})",
+    )
 
 
 def _add_segment_argument(parser) -> None:
@@ -176,6 +190,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         args.data,
         beam_size=args.beam,
         ctc_weight=args.ctc_weight,
+        lm_weight=args.lm_weight,
         batch_size=args.batch_size,
         limit=args.limit,
         max_segment_seconds=args.max_segment_seconds,
@@ -198,6 +213,7 @@ def _add_evaluate(subparsers) -> None:
     parser.add_argument(
         "--ctc-weight", type=float, default=0.5, help="CTC prefix score weight (default 0.5)"
     )
+    _add_lm_argument(parser)
     parser.add_argument("--batch-size", type=int, default=16, help="greedy batch size")
     parser.add_argument("--limit", type=int, default=None, help="only the first N utterances")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

@@ -10,9 +10,11 @@ TensorFlow, `jax.jit` on JAX) and drives them from a Python loop:
 - `beam_search`: one utterance at a time with the beam as the batch; hypotheses are scored by
 
       score(h) = (1 - ctc_weight) * log p_att(h | x) + ctc_weight * log psi_ctc(h | x)
+                 + lm_weight * log p_lm(h)
 
   (Watanabe et al., 2017) where psi_ctc is the CTC prefix probability (`pipelines.asr.ctc`), which
-  penalises the looping and skipping attention decoders are prone to. Candidates per hypothesis
+  penalises the looping and skipping attention decoders are prone to, and p_lm the character
+  language model stored in the recognizer, if any (`pipelines.asr.lm`, shallow fusion). Candidates per hypothesis
   are the `pre_beam` best attention tokens; finished hypotheses are ranked by their score divided
   by their length (`length_normalization`); the search stops when every hypothesis has ended,
   when ESPnet's end detection fires (no better hypothesis ended for `end_detect_window`
@@ -133,6 +135,8 @@ class Decoder:
     ):
         self.model = model
         self.tokenizer = model.get_tokenizer()
+        # The character n-gram model saved inside the recognizer, if any (`pipelines.asr.lm`).
+        self.language_model = getattr(model, "language_model", None)
         self.max_length = max_length
         vocab = model.vocab_size
         banned = np.zeros((vocab,), "float32")
@@ -328,6 +332,7 @@ class Decoder:
         end_detect_threshold: float = math.log(1e-10),
         return_alignment: bool = False,
         nbest: int = 1,
+        lm_weight: float = 0.0,
     ):
         """Joint CTC/attention beam search for one utterance.
 
@@ -344,6 +349,10 @@ class Decoder:
                 scores below the best ended hypothesis by more than the threshold.
             return_alignment: bool. Attach the cross-attention of each hypothesis.
             nbest: int. Number of hypotheses returned. Defaults to `1`.
+            lm_weight: float >= 0. Weight of the log-probability of the model's character
+                language model (`language_model`; shallow fusion); it also joins the attention
+                score in choosing the `pre_beam` candidates. Ignored when the model has no
+                language model. Defaults to `0.0`.
 
         Returns:
             list of `nbest` `Hypothesis`, best first.
@@ -352,6 +361,10 @@ class Decoder:
             raise ValueError(f"beam_size must be positive. Received: beam_size={beam_size}")
         if not 0.0 <= ctc_weight <= 1.0:
             raise ValueError(f"ctc_weight must be in [0, 1]. Received: ctc_weight={ctc_weight}")
+        if lm_weight < 0.0:
+            raise ValueError(f"lm_weight must not be negative. Received: lm_weight={lm_weight}")
+        lm = self.language_model
+        use_lm = lm is not None and lm_weight > 0.0
         K = int(beam_size)
         pre_beam = int(pre_beam or max(int(1.5 * K), 1))
         features = np.asarray(features, "float32")
@@ -369,8 +382,8 @@ class Decoder:
         state = {k: ops.take(v, np.zeros((K,), "int32"), axis=0) for k, v in state.items()}
         # Slot 0 holds the empty hypothesis; the other slots are dead until the beam fills.
         hyps = [
-            {"tokens": [], "att": 0.0, "score": 0.0 if k == 0 else NEG_INF, "alive": k == 0,
-             "ctc": scorer.initial_state() if scorer else None, "align": []}
+            {"tokens": [], "att": 0.0, "lm": 0.0, "score": 0.0 if k == 0 else NEG_INF,
+             "alive": k == 0, "ctc": scorer.initial_state() if scorer else None, "align": []}
             for k in range(K)
         ]
         ended: list[tuple[float, float, dict]] = []  # (ranking score, raw score, hyp)
@@ -385,7 +398,11 @@ class Decoder:
             log_probs = np.asarray(ops.convert_to_numpy(log_probs), "float64")  # (K, V)
             alignment = np.asarray(ops.convert_to_numpy(alignment)) if return_alignment else None
             alive = [k for k in range(K) if hyps[k]["alive"]]
-            cands = np.argsort(-log_probs[alive], axis=-1)[:, :pre_beam]  # (A, C)
+            ranking = log_probs[alive]
+            if use_lm:
+                lm_step = np.stack([lm.log_probs(hyps[k]["tokens"]) for k in alive])  # (A, V)
+                ranking = ranking + lm_weight * lm_step
+            cands = np.argsort(-ranking, axis=-1)[:, :pre_beam]  # (A, C)
             att_total = np.array([hyps[k]["att"] for k in alive])[:, None] + np.take_along_axis(
                 log_probs[alive], cands, axis=-1
             )
@@ -394,6 +411,12 @@ class Decoder:
                 total = (1.0 - ctc_weight) * att_total + ctc_weight * ctc_scores
             else:
                 total = att_total
+            lm_total = 0.0
+            if use_lm:
+                lm_total = np.array([hyps[k]["lm"] for k in alive])[:, None] + np.take_along_axis(
+                    lm_step, cands, axis=-1
+                )
+                total = total + lm_weight * lm_total
             order = np.argsort(-total, axis=None)[:K]
             new_hyps, parents = [], []
             for flat in order:
@@ -404,6 +427,7 @@ class Decoder:
                 hyp = {
                     "tokens": parent["tokens"] + [label],
                     "att": float(att_total[a, c]),
+                    "lm": float(lm_total[a, c]) if use_lm else 0.0,
                     "score": float(total[a, c]),
                     "alive": True,
                     "ctc": (CTCPrefixScorer.next_state(ctc_r, ctc_scores, a, c, label)
@@ -465,8 +489,11 @@ class Decoder:
         batch_size: int = 16,
         ctc_weight: float = 0.5,
         return_alignment: bool = False,
+        lm_weight: float = 0.0,
     ):
         """Decode a list of `(frames, F)` feature arrays: greedy when `beam_size == 1`.
+
+        `lm_weight` (shallow fusion, see `beam_search`) applies to beam search only.
 
         Returns:
             list of `Hypothesis`, in input order.
@@ -489,6 +516,7 @@ class Decoder:
                     beam_size=beam_size,
                     ctc_weight=ctc_weight,
                     return_alignment=return_alignment,
+                    lm_weight=lm_weight,
                 )[0]
         return results
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 import time
 
+from pipelines.asr.lm import DEFAULT_LM_WEIGHT
 from pipelines.asr.segment import DEFAULT_MAX_SECONDS
 from toolkit.errors import UserError
 
@@ -23,6 +24,7 @@ def evaluate(
     data=None,
     beam_size: int = 4,
     ctc_weight: float = 0.5,
+    lm_weight: float = DEFAULT_LM_WEIGHT,
     batch_size: int = 16,
     limit: int | None = None,
     progress: bool = False,
@@ -35,6 +37,8 @@ def evaluate(
         data: str or Path. A manifest (`.jsonl`), an LJSpeech folder or a wav+txt folder.
         beam_size: int. `1` is batched greedy decoding. Defaults to `4`.
         ctc_weight: float. Weight of the CTC prefix score in beam search. Defaults to `0.5`.
+        lm_weight: float. Weight of the model's character language model in beam search (none:
+            ignored). Defaults to `DEFAULT_LM_WEIGHT`.
         batch_size: int. Utterances per greedy batch. Defaults to `16`.
         limit: int or None. Only the first `limit` utterances.
         max_segment_seconds: float. Utterances longer than this are decoded in segments cut at
@@ -53,6 +57,8 @@ def evaluate(
         raise UserError("evaluate needs --data MANIFEST")
     if beam_size < 1:
         raise UserError(f"--beam must be at least 1. Received: {beam_size}")
+    if lm_weight < 0:
+        raise UserError(f"--lm-weight must not be negative. Received: {lm_weight}")
     if not max_segment_seconds > 0:
         raise UserError(
             f"--max-segment-seconds must be positive. Received: {max_segment_seconds}"
@@ -85,13 +91,12 @@ def evaluate(
     if not kept:
         raise UserError(f"{data}: none of the audio files could be read")
     decoder = Decoder(model)
-    decoder.decode(features[:1], beam_size=beam_size, ctc_weight=ctc_weight)  # compile
+    options = {"beam_size": beam_size, "ctc_weight": ctc_weight, "lm_weight": lm_weight}
+    decoder.decode(features[:1], **options)  # compile
     if beam_size == 1 and len(features) > 1:
         decoder.decode(features[:batch_size], beam_size=1, batch_size=batch_size)
     start = time.perf_counter()
-    hyps = decoder.decode(
-        features, beam_size=beam_size, ctc_weight=ctc_weight, batch_size=batch_size
-    )
+    hyps = decoder.decode(features, batch_size=batch_size, **options)
     decode_seconds = time.perf_counter() - start
     pieces = [[] for _ in kept]
     for owner, hyp in zip(owners, hyps):
@@ -109,6 +114,7 @@ def evaluate(
         "rtf_with_features": (decode_seconds + feature_seconds) / audio_seconds,
         "beam_size": beam_size,
         "ctc_weight": ctc_weight if beam_size > 1 else 0.0,
+        "lm_weight": lm_weight if beam_size > 1 and decoder.language_model else 0.0,
         "skipped": skipped,
         "examples": [
             {"reference": u.text, "hypothesis": t} for u, t in list(zip(kept, texts))[:5]
@@ -126,7 +132,8 @@ def format_report(result: dict) -> str:
         f"CER: {result['cer']:.2%}  (S={result['char_substitutions']} "
         f"D={result['char_deletions']} I={result['char_insertions']} of "
         f"{result['reference_chars']} characters)",
-        f"decoding: beam {result['beam_size']}, real-time factor {result['rtf']:.4f} "
+        f"decoding: beam {result['beam_size']}, LM weight {result['lm_weight']:g}, "
+        f"real-time factor {result['rtf']:.4f} "
         f"({result['rtf_with_features']:.4f} with feature extraction)",
     ]
     for example in result["examples"][:3]:

@@ -23,7 +23,8 @@ Training minimises the joint CTC/attention loss of Watanabe et al. (2017),
 with label smoothing on L_att; both terms are summed over the batch and divided by the number of
 target tokens. The recognizer is self-contained: the tokenizer, the feature parameters and the
 feature normalisation statistics are constructor arguments (so they live in the `.keras` file's
-config), and loading needs no `custom_objects` once this module is imported.
+config), an optional character language model for beam search (`language_model`) is saved as an
+asset inside the same file, and loading needs no `custom_objects` once this module is imported.
 
 References:
     Vaswani et al., "Attention Is All You Need", NeurIPS 2017.
@@ -39,12 +40,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Literal
 
 import keras
 import numpy as np
 from keras import ops
 
+from pipelines.asr.lm import LM_FILENAME, CharNgramLM
 from pipelines.asr.tokenizer import CharTokenizer
 from toolkit.layers.bahdanau_attention import BahdanauAttention
 from toolkit.layers.luong_attention import LuongAttention
@@ -246,6 +249,18 @@ class _Recognizer(keras.Model):
             name="spec_augment",
         )
         self.ctc_dense = keras.layers.Dense(vocab_size, name="ctc_dense", dtype="float32")
+
+    # ---- the optional language model, saved inside the `.keras` file as an asset --------
+    language_model = None
+    """A `pipelines.asr.lm.CharNgramLM` for shallow fusion in beam search, or None."""
+
+    def save_assets(self, dir_path):
+        if self.language_model is not None:
+            self.language_model.save(Path(dir_path) / LM_FILENAME)
+
+    def load_assets(self, dir_path):
+        path = Path(dir_path) / LM_FILENAME
+        self.language_model = CharNgramLM.load(path) if path.is_file() else None
 
     # ---- metadata -----------------------------------------------------------------------
     def get_tokenizer(self) -> CharTokenizer:

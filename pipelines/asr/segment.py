@@ -285,6 +285,7 @@ def transcribe_long(
     max_seconds: float = DEFAULT_MAX_SECONDS,
     search_seconds: float | None = None,
     return_alignment: bool = False,
+    lm_weight: float = 0.0,
 ) -> LongTranscript:
     """Transcribe a recording of any length segment by segment (see the module docstring).
 
@@ -295,6 +296,7 @@ def transcribe_long(
         decoder: `pipelines.asr.decode.Decoder`.
         beam_size: int. `1` decodes each batch greedily. Defaults to `1`.
         ctc_weight: float. CTC weight of the beam search. Defaults to `0.5`.
+        lm_weight: float. Language model weight of the beam search. Defaults to `0.0`.
         batch_size: int. Segments whose features and decoder state are held at once.
             Defaults to `8`.
         max_seconds, search_seconds: see `split_signal`.
@@ -323,6 +325,7 @@ def transcribe_long(
             beam_size=beam_size,
             batch_size=len(pending),
             ctc_weight=ctc_weight,
+            lm_weight=lm_weight,
             return_alignment=return_alignment,
         )
         decode_seconds += time.perf_counter() - start

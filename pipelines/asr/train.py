@@ -37,6 +37,7 @@ import keras
 import numpy as np
 
 from pipelines.asr.corpus import DEFAULT_UTTERANCES
+from pipelines.asr.lm import DEFAULT_LM_WEIGHT, DEFAULT_ORDER, CharNgramLM
 from pipelines.asr.model import ModelConfig, NoamSchedule, build_recognizer
 from pipelines.common.callbacks import (
     InterruptAtSafePoints,
@@ -114,11 +115,23 @@ class OptimConfig:
 
 @dataclasses.dataclass
 class DecodeConfig:
-    """Default decoding for `evaluate` and `transcribe` (stored in the config beside the model)."""
+    """Decoding: defaults for `evaluate` and `transcribe` (stored in the config beside the model).
+
+    `lm_order`: the order of the character n-gram language model fitted on the training
+    transcripts and saved inside `model.keras` for beam search (`pipelines.asr.lm`); 0: none.
+    """
 
     beam_size: int = 4
     ctc_weight: float = 0.3
     batch_size: int = 16
+    lm_order: int = DEFAULT_ORDER
+    lm_weight: float = DEFAULT_LM_WEIGHT
+
+    def __post_init__(self):
+        if self.lm_order < 0:
+            raise ValueError(f"lm_order must not be negative. Received: {self.lm_order}")
+        if self.lm_weight < 0:
+            raise ValueError(f"lm_weight must not be negative. Received: {self.lm_weight}")
 
 
 @dataclasses.dataclass
@@ -470,6 +483,15 @@ def train(config: TrainConfig, data=None, out=None, callbacks=(), progress: bool
         model.compile(optimizer=optimizer, jit_compile=_jit(config.jit_compile))
     dev_features = [prepared.extractor.compute(u.audio_filepath) for u in prepared.dev]
     dev_texts = [u.text for u in prepared.dev]
+    lm_summary = None
+    if config.decode.lm_order:  # seconds; saved inside every model.keras written from now on
+        model.language_model = CharNgramLM.train(
+            [u.text for u in prepared.train], prepared.tokenizer, order=config.decode.lm_order
+        )
+        lm_summary = {"order": config.decode.lm_order,
+                      "dev_perplexity": model.language_model.perplexity(dev_texts)}  # fmt: skip
+        print(f"character {lm_summary['order']}-gram language model: dev perplexity "
+              f"{lm_summary['dev_perplexity']:.2f} per character", file=sys.stderr, flush=True)  # fmt: skip
     evaluation = DevEvaluation(dev_features, dev_texts, out, config.decode.batch_size)
 
     from pipelines.asr.transcribe import alignment_figure
@@ -532,6 +554,7 @@ def train(config: TrainConfig, data=None, out=None, callbacks=(), progress: bool
         fit_seconds = time.perf_counter() - fit_start
         metrics = _summary(config, prepared, batches, model, evaluation, fit_seconds, started)
         metrics.update(scale.summary())
+        metrics["language_model"] = lm_summary
         _atomic_write_json(out / METRICS_FILENAME, metrics)
         if tracker.enabled:
             tracker.log_metrics(

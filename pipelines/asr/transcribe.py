@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from pipelines.asr.lm import DEFAULT_LM_WEIGHT
 from pipelines.asr.segment import DEFAULT_MAX_SECONDS
 from toolkit.errors import UserError
 
@@ -90,6 +91,7 @@ def transcribe_files(
     model_path=None,
     beam_size: int = 4,
     ctc_weight: float = 0.5,
+    lm_weight: float = DEFAULT_LM_WEIGHT,
     json_output: bool = False,
     alignment_dir=None,
     runs_dir=DEFAULT_RUNS_DIR,
@@ -101,7 +103,8 @@ def transcribe_files(
 
     A file longer than `max_segment_seconds` is transcribed in segments cut at low-energy points
     (`pipelines.asr.segment`), with bounded memory; its text is the segments' texts in order,
-    and `--alignment-png` saves one plot per segment (`<stem>.seg001.png`, ...).
+    and `--alignment-png` saves one plot per segment (`<stem>.seg001.png`, ...). Beam search
+    adds the model's character language model with `lm_weight` when it has one.
 
     Returns:
         0 when every file was transcribed, 2 when some could not be read (each named on stderr).
@@ -130,7 +133,8 @@ def transcribe_files(
             if long:
                 result = transcribe_long(
                     path, extractor, decoder, beam_size=beam_size, ctc_weight=ctc_weight,
-                    max_seconds=max_segment_seconds, return_alignment=alignment_dir is not None,
+                    lm_weight=lm_weight, max_seconds=max_segment_seconds,
+                    return_alignment=alignment_dir is not None,
                 )  # fmt: skip
             else:
                 features = extractor.compute(path)
@@ -157,6 +161,7 @@ def transcribe_files(
                 [features],
                 beam_size=beam_size,
                 ctc_weight=ctc_weight,
+                lm_weight=lm_weight,
                 return_alignment=alignment_dir is not None,
             )[0]
             elapsed = time.perf_counter() - start

@@ -66,6 +66,9 @@ def test_train_writes_every_output(trained):
     assert [e["epoch"] for e in metrics["epochs"]] == [0, 1]
     assert 0.0 <= metrics["best_dev_cer"] and metrics["train_utterances"] > 30
     assert 100_000 < metrics["parameters"] < 1_000_000
+    # The character language model fitted on the transcripts is inside the model file.
+    assert metrics["language_model"]["order"] == 8
+    assert 1.0 < metrics["language_model"]["dev_perplexity"] < 40
     config = (run_dir / "config.yaml").read_text()
     assert "d_model: 96" in config and "tracking: 'off'" in config
     assert not (root / "home" / "mlflow.db").exists()  # tracking=off wrote no store
@@ -79,7 +82,7 @@ def test_model_loads_safely_without_custom_objects(trained):
         "import sys, keras, pipelines.asr.model\n"
         "m = keras.saving.load_model(sys.argv[1], safe_mode=True)\n"
         "print(type(m).__name__, m.get_tokenizer().vocab_size, len(m.feature_stats['mean']),"
-        " m.feature_params['hop_length'])\n"
+        " m.feature_params['hop_length'], m.language_model.order)\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code, str(run_dir / "model.keras")],
@@ -89,7 +92,7 @@ def test_model_loads_safely_without_custom_objects(trained):
         text=True,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["TransformerRecognizer", "32", "80", "160"]
+    assert result.stdout.split() == ["TransformerRecognizer", "32", "80", "160", "8"]
 
 
 @pytest.mark.slow
@@ -152,6 +155,7 @@ def test_evaluate_json(trained):
         report
     )
     assert report["utterances"] == 2 and report["rtf"] > 0 and report["cer"] >= 0
+    assert report["lm_weight"] == 0.3  # the default: the model's language model is used
 
 
 @pytest.mark.slow
@@ -197,3 +201,19 @@ def test_bad_config_value_is_a_user_error(capsys):
 def test_missing_model_file_is_a_user_error(tmp_path, capsys):
     assert main(["transcribe", "--model", str(tmp_path / "nope.keras"), "x.wav"]) == 2
     assert "nope.keras" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override, name",
+    [("optim.lr_schedule=cosine", "optim.lr_schedule"), ("decode.lm_order=-1", "lm_order"),
+     ("optim.final_lr_fraction=2", "final_lr_fraction")],
+)  # fmt: skip
+def test_bad_schedule_and_language_model_settings_are_user_errors(override, name, capsys):
+    assert main(["train", "--print-config", override]) == 2
+    assert name in capsys.readouterr().err
+
+
+def test_negative_lm_weight_is_a_user_error(tmp_path, capsys):
+    assert main(["evaluate", "--data", str(tmp_path / "x.jsonl"), "--lm-weight", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--lm-weight" in err[0]

@@ -8,7 +8,8 @@
    wall time (`optim.max_minutes`), or takes an existing `--model`; reports the dev CER curve
    against training minutes, and test CER/WER with greedy decoding, with beam search (beam 4,
    CTC weight 0.5) and, when the model has its character language model, with beam search and
-   the LM at its default weight (the default decoding). Targets (30 min, 2-core CPU): CER <= 5 %, WER <= 15 % with beam search.
+   the LM at its default weight (the default decoding). Targets (30 min, 2-core CPU):
+   CER <= 5 %, WER <= 15 % with beam search.
 2. Speed: training utterances per second; decoding real-time factor for greedy (target <= 0.05)
    and beam 4 (target <= 0.2); cached vs uncached greedy decoding time for 100 output tokens
    (target >= 5x).

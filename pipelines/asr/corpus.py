@@ -10,11 +10,12 @@ Text: English sentences from Debian's `fortunes` files (`/usr/share/games/fortun
 sentence ends, dropping those with digits, URLs, markup or mostly capitals, normalised with
 `normalize_text` and kept at 4-16 words: about 16,700 distinct sentences, read offline.
 
-Splits are made by sentence first (about 90/5/5, dev and test at most 400 each), then each utterance of a split gets a voice,
-so no sentence is in two splits. Voices: espeak-ng's eight English accents (US, New York,
-British, RP, Scottish, Lancaster, West Midlands, Caribbean) times 13 voice variants (default,
-`+m1`..`+m7`, `+f1`..`+f5`), speaking rate 130-200 words/min, pitch 25-75; with flite installed,
-a fifth of the utterances use flite's voices (kal16, awb, rms, slt) with varied speed and pitch.
+Splits are made by sentence first (about 90/5/5, dev and test at most 400 utterances each),
+then each utterance of a split gets a voice, so no sentence is in two splits. Voices:
+espeak-ng's eight English accents (US, New York, British, RP, Scottish, Lancaster, West
+Midlands, Caribbean) times 13 voice variants (default, `+m1`..`+m7`, `+f1`..`+f5`), speaking
+rate 130-200 words/min, pitch 25-75; with flite installed, a fifth of the utterances use
+flite's voices (kal16, awb, rms, slt) with varied speed and pitch.
 Optionally a fraction of the training utterances gets light augmentation — white noise at an
 SNR of 15-30 dB and a gain of -6..0 dB — recorded in the manifest under `augmentation`.
 

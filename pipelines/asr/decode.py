@@ -14,9 +14,10 @@ TensorFlow, `jax.jit` on JAX) and drives them from a Python loop:
 
   (Watanabe et al., 2017) where psi_ctc is the CTC prefix probability (`pipelines.asr.ctc`), which
   penalises the looping and skipping attention decoders are prone to, and p_lm the character
-  language model stored in the recognizer, if any (`pipelines.asr.lm`, shallow fusion). Candidates per hypothesis
-  are the `pre_beam` best attention tokens; finished hypotheses are ranked by their score divided
-  by their length (`length_normalization`); the search stops when every hypothesis has ended,
+  language model stored in the recognizer, if any (`pipelines.asr.lm`, shallow fusion).
+  Candidates per hypothesis are the `pre_beam` best tokens by attention (plus weighted LM)
+  score; finished hypotheses are ranked by their score divided by their length
+  (`length_normalization`); the search stops when every hypothesis has ended,
   when ESPnet's end detection fires (no better hypothesis ended for `end_detect_window`
   lengths), or at `max_length`, which is tied to the encoder length.
 

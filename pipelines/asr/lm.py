@@ -11,9 +11,9 @@ Gulcehre et al. 2015; ESPnet's `lm_weight`):
 `CharNgramLM` is an interpolated Kneser-Ney model (Chen and Goodman, 1999) over the
 recognizer's token ids: the characters and `</s>`; each sentence's history starts with
 `order - 1` start tokens. Each order has its own discount `D = n1 / (n1 + 2 n2)` (Ney et al.,
-1994), from the numbers of n-grams seen once and twice (kept within [0.1, 0.9]). `log_probs(history)` returns the whole
-next-token distribution as a vector over the tokenizer's ids (log 0 for blank, `<s>` and
-`<unk>`), cached per history.
+1994), from the numbers of n-grams seen once and twice (kept within [0.1, 0.9]).
+`log_probs(history)` returns the whole next-token distribution as a vector over the
+tokenizer's ids (log 0 for blank, `<s>` and `<unk>`), cached per history.
 
 `train` fits one on the training transcripts (`decode.lm_order`, 0 for none) and the recognizer
 keeps it inside `model.keras` as an asset (`lm.npz`); `evaluate` and `transcribe` use it in beam

@@ -488,10 +488,14 @@ def train(config: TrainConfig, data=None, out=None, callbacks=(), progress: bool
         model.language_model = CharNgramLM.train(
             [u.text for u in prepared.train], prepared.tokenizer, order=config.decode.lm_order
         )
-        lm_summary = {"order": config.decode.lm_order,
-                      "dev_perplexity": model.language_model.perplexity(dev_texts)}  # fmt: skip
-        print(f"character {lm_summary['order']}-gram language model: dev perplexity "
-              f"{lm_summary['dev_perplexity']:.2f} per character", file=sys.stderr, flush=True)  # fmt: skip
+        perplexity = model.language_model.perplexity(dev_texts)
+        lm_summary = {"order": config.decode.lm_order, "dev_perplexity": perplexity}
+        print(
+            f"character {config.decode.lm_order}-gram language model: dev perplexity "
+            f"{perplexity:.2f} per character",
+            file=sys.stderr,
+            flush=True,
+        )
     evaluation = DevEvaluation(dev_features, dev_texts, out, config.decode.batch_size)
 
     from pipelines.asr.transcribe import alignment_figure

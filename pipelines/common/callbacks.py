@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -147,7 +148,9 @@ class LinearDecay(keras.callbacks.Callback):
         """The rate after `epoch` epochs (a fraction counts) and `elapsed_seconds`, at `step`."""
         progress = epoch / max(self.epochs, 1)
         if self.max_seconds:
-            progress = max(progress, elapsed_seconds / self.max_seconds)
+            # In steps of 0.1% of the budget: a run that the epochs end (its clock far behind)
+            # then gets the same rates every time, so a seeded run stays repeatable.
+            progress = max(progress, math.floor(elapsed_seconds / self.max_seconds * 1000) / 1000)
         value = self.initial * (1.0 - (1.0 - self.final_fraction) * min(progress, 1.0))
         if self.warmup_steps and step is not None:
             value *= min(1.0, (step + 1) / self.warmup_steps)

@@ -22,6 +22,9 @@ EPOCHS = 2
 
 def weights_sha256(model_path):
     """One SHA-256 over the names, shapes, dtypes and bytes of every weight of a `.keras` file."""
+    import pipelines.asr.model  # noqa: F401  (registers the classes the model files name)
+    import pipelines.medimg.model  # noqa: F401
+
     model = keras.saving.load_model(model_path, safe_mode=True)
     digest = hashlib.sha256()
     for variable in model.weights:

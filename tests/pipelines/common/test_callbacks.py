@@ -46,6 +46,10 @@ def test_linear_decay_follows_the_time_budget_when_it_ends_first():
     np.testing.assert_allclose(decay.rate(1, 300.0), 0.55)  # half the time: halfway down
     np.testing.assert_allclose(decay.rate(90, 60.0), 0.19)  # epochs ahead of the clock
     np.testing.assert_allclose(decay.rate(2, 900.0), 0.1)  # never below the final rate
+    # The clock counts in steps of 0.1% of the budget (0.6 s here): a run far ahead of its
+    # clock gets the same rates whatever its speed, so seeded runs repeat exactly.
+    assert decay.rate(0, 0.3) == decay.rate(0, 0.0) == 1.0
+    np.testing.assert_allclose(decay.rate(0, 0.61), 1.0 - 0.9 * 0.001)
 
 
 def test_linear_decay_warms_up_per_step_and_decays_within_epochs():

@@ -43,6 +43,7 @@ DEFAULT_ORDER = 8
 DEFAULT_LM_WEIGHT = 0.3
 FORMAT_VERSION = 1
 LOG_ZERO = -1e30
+CACHE_SIZE = 200_000  # histories whose distributions are kept (about 70 MB)
 
 
 class CharNgramLM:
@@ -161,7 +162,8 @@ class CharNgramLM:
             p = (np.maximum(c - d, 0.0) + d * np.count_nonzero(c) * p) / total
         with np.errstate(divide="ignore"):
             result = np.where(self.valid, np.log(np.maximum(p, 1e-30)), LOG_ZERO)
-        if len(self._cache) > 1_000_000:
+        result = result.astype(np.float32)
+        if len(self._cache) >= CACHE_SIZE:  # bounded memory in a long transcription
             self._cache.clear()
         self._cache[key] = result
         return result

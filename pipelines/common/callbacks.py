@@ -144,17 +144,16 @@ class LinearDecay(keras.callbacks.Callback):
         self.start = time.perf_counter()
         self.step = None  # read from the optimizer at the first batch (after any restore)
 
-    def rate(self, epoch, elapsed_seconds=0.0, step=None) -> float:
-        """The rate after `epoch` epochs (a fraction counts) and `elapsed_seconds`, at `step`."""
+    def rate(self, epoch, elapsed_seconds=0.0) -> float:
+        """The decayed rate after `epoch` epochs (a fraction counts) and `elapsed_seconds`.
+
+        The warm-up factor is applied on top of it, step by step (`_apply`)."""
         progress = epoch / max(self.epochs, 1)
         if self.max_seconds:
             # In steps of 0.1% of the budget: a run that the epochs end (its clock far behind)
             # then gets the same rates every time, so a seeded run stays repeatable.
             progress = max(progress, math.floor(elapsed_seconds / self.max_seconds * 1000) / 1000)
-        value = self.initial * (1.0 - (1.0 - self.final_fraction) * min(progress, 1.0))
-        if self.warmup_steps and step is not None:
-            value *= min(1.0, (step + 1) / self.warmup_steps)
-        return value
+        return self.initial * (1.0 - (1.0 - self.final_fraction) * min(progress, 1.0))
 
     def _decay(self, epoch):
         from pipelines.common.scale import value_from_process_0

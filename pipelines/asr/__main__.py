@@ -143,11 +143,7 @@ def _add_transcribe(subparsers) -> None:
     parser.add_argument(
         "--model", type=Path, default=None, help="model.keras (default: newest in runs/asr/)"
     )
-    parser.add_argument("--beam", type=int, default=4, help="beam width; 1 = greedy (default 4)")
-    parser.add_argument(
-        "--ctc-weight", type=float, default=0.5, help="CTC prefix score weight (default 0.5)"
-    )
-    _add_lm_argument(parser)
+    _add_decoding_arguments(parser)
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument(
         "--alignment-png", type=Path, default=None, help="save attention alignment plots here"
@@ -156,14 +152,27 @@ def _add_transcribe(subparsers) -> None:
     parser.set_defaults(handler=_transcribe)
 
 
-def _add_lm_argument(parser) -> None:
+def _add_decoding_arguments(parser) -> None:
+    from pipelines.asr.ctc import DEFAULT_BEAM_SIZE, DEFAULT_CTC_WEIGHT
     from pipelines.asr.lm import DEFAULT_LM_WEIGHT
 
+    parser.add_argument(
+        "--beam",
+        type=int,
+        default=DEFAULT_BEAM_SIZE,
+        help=f"beam width; 1 = greedy (default {DEFAULT_BEAM_SIZE})",
+    )
+    parser.add_argument(
+        "--ctc-weight",
+        type=float,
+        default=DEFAULT_CTC_WEIGHT,
+        help=f"CTC prefix score weight (default {DEFAULT_CTC_WEIGHT:g})",
+    )
     parser.add_argument(
         "--lm-weight",
         type=float,
         default=DEFAULT_LM_WEIGHT,
-        help="weight of the model's character language model in beam search; 0 = none "
+        help="weight of the model's language model in beam search; 0 = none "
         f"(default {DEFAULT_LM_WEIGHT:g})",
     )
 
@@ -209,11 +218,7 @@ def _add_evaluate(subparsers) -> None:
         "--model", type=Path, default=None, help="model.keras (default: newest in runs/asr/)"
     )
     parser.add_argument("--data", type=Path, required=True, help="manifest (.jsonl) or corpus")
-    parser.add_argument("--beam", type=int, default=4, help="beam width; 1 = greedy (default 4)")
-    parser.add_argument(
-        "--ctc-weight", type=float, default=0.5, help="CTC prefix score weight (default 0.5)"
-    )
-    _add_lm_argument(parser)
+    _add_decoding_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=16, help="greedy batch size")
     parser.add_argument("--limit", type=int, default=None, help="only the first N utterances")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

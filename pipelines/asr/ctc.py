@@ -27,6 +27,11 @@ from __future__ import annotations
 
 import numpy as np
 
+# Joint CTC/attention beam search defaults, shared by `decode`, `evaluate`, `transcribe`, the CLI
+# and `DecodeConfig` (kept in this light module so the CLI parses without importing Keras).
+DEFAULT_BEAM_SIZE = 4
+DEFAULT_CTC_WEIGHT = 0.5
+
 NEG_INF = -1e30
 
 

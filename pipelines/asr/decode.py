@@ -38,7 +38,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from pipelines.asr.ctc import CTCPrefixScorer
+from pipelines.asr.ctc import DEFAULT_BEAM_SIZE, DEFAULT_CTC_WEIGHT, CTCPrefixScorer
 from pipelines.asr.tokenizer import CharTokenizer
 
 NEG_INF = -1e30
@@ -136,7 +136,7 @@ class Decoder:
     ):
         self.model = model
         self.tokenizer = model.get_tokenizer()
-        # The character n-gram model saved inside the recognizer, if any (`pipelines.asr.lm`).
+        # The n-gram language model saved inside the recognizer, if any (`pipelines.asr.lm`).
         self.language_model = getattr(model, "language_model", None)
         self.max_length = max_length
         vocab = model.vocab_size
@@ -325,8 +325,8 @@ class Decoder:
         self,
         features,
         length,
-        beam_size: int = 4,
-        ctc_weight: float = 0.5,
+        beam_size: int = DEFAULT_BEAM_SIZE,
+        ctc_weight: float = DEFAULT_CTC_WEIGHT,
         pre_beam: int | None = None,
         length_normalization: bool = True,
         end_detect_window: int = 3,
@@ -350,8 +350,8 @@ class Decoder:
                 scores below the best ended hypothesis by more than the threshold.
             return_alignment: bool. Attach the cross-attention of each hypothesis.
             nbest: int. Number of hypotheses returned. Defaults to `1`.
-            lm_weight: float >= 0. Weight of the log-probability of the model's character
-                language model (`language_model`; shallow fusion); it also joins the attention
+            lm_weight: float >= 0. Weight of the log-probability of the model's language
+                model (`language_model`; shallow fusion); it also joins the attention
                 score in choosing the `pre_beam` candidates. Ignored when the model has no
                 language model. Defaults to `0.0`.
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 import time
 
+from pipelines.asr.ctc import DEFAULT_BEAM_SIZE, DEFAULT_CTC_WEIGHT
 from pipelines.asr.lm import DEFAULT_LM_WEIGHT
 from pipelines.asr.segment import DEFAULT_MAX_SECONDS
 from toolkit.errors import UserError
@@ -22,8 +23,8 @@ from toolkit.errors import UserError
 def evaluate(
     model_path=None,
     data=None,
-    beam_size: int = 4,
-    ctc_weight: float = 0.5,
+    beam_size: int = DEFAULT_BEAM_SIZE,
+    ctc_weight: float = DEFAULT_CTC_WEIGHT,
     lm_weight: float = DEFAULT_LM_WEIGHT,
     batch_size: int = 16,
     limit: int | None = None,
@@ -37,7 +38,7 @@ def evaluate(
         data: str or Path. A manifest (`.jsonl`), an LJSpeech folder or a wav+txt folder.
         beam_size: int. `1` is batched greedy decoding. Defaults to `4`.
         ctc_weight: float. Weight of the CTC prefix score in beam search. Defaults to `0.5`.
-        lm_weight: float. Weight of the model's character language model in beam search (none:
+        lm_weight: float. Weight of the model's language model in beam search (none:
             ignored). Defaults to `DEFAULT_LM_WEIGHT`.
         batch_size: int. Utterances per greedy batch. Defaults to `16`.
         limit: int or None. Only the first `limit` utterances.

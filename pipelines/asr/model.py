@@ -23,8 +23,9 @@ Training minimises the joint CTC/attention loss of Watanabe et al. (2017),
 with label smoothing on L_att; both terms are summed over the batch and divided by the number of
 target tokens. The recognizer is self-contained: the tokenizer, the feature parameters and the
 feature normalisation statistics are constructor arguments (so they live in the `.keras` file's
-config), an optional character language model for beam search (`language_model`) is saved as an
-asset inside the same file, and loading needs no `custom_objects` once this module is imported.
+config), an optional language model for beam search (`language_model`, character or word level)
+is saved as an asset inside the same file, and loading needs no `custom_objects` once this
+module is imported.
 
 References:
     Vaswani et al., "Attention Is All You Need", NeurIPS 2017.
@@ -40,14 +41,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Literal
 
 import keras
 import numpy as np
 from keras import ops
 
-from pipelines.asr.lm import LM_FILENAME, CharNgramLM
+from pipelines.asr.lm import load_language_model, save_language_model
 from pipelines.asr.tokenizer import CharTokenizer
 from toolkit.layers.bahdanau_attention import BahdanauAttention
 from toolkit.layers.luong_attention import LuongAttention
@@ -252,15 +252,14 @@ class _Recognizer(keras.Model):
 
     # ---- the optional language model, saved inside the `.keras` file as an asset --------
     language_model = None
-    """A `pipelines.asr.lm.CharNgramLM` for shallow fusion in beam search, or None."""
+    """A `pipelines.asr.lm` `CharNgramLM` or `WordNgramLM` for beam search, or None."""
 
     def save_assets(self, dir_path):
         if self.language_model is not None:
-            self.language_model.save(Path(dir_path) / LM_FILENAME)
+            save_language_model(self.language_model, dir_path)
 
     def load_assets(self, dir_path):
-        path = Path(dir_path) / LM_FILENAME
-        self.language_model = CharNgramLM.load(path) if path.is_file() else None
+        self.language_model = load_language_model(dir_path)
 
     # ---- metadata -----------------------------------------------------------------------
     def get_tokenizer(self) -> CharTokenizer:

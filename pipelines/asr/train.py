@@ -37,7 +37,14 @@ import keras
 import numpy as np
 
 from pipelines.asr.corpus import DEFAULT_UTTERANCES
-from pipelines.asr.lm import DEFAULT_LM_WEIGHT, DEFAULT_ORDER, CharNgramLM
+from pipelines.asr.ctc import DEFAULT_BEAM_SIZE, DEFAULT_CTC_WEIGHT
+from pipelines.asr.lm import (
+    DEFAULT_LM_WEIGHT,
+    DEFAULT_ORDER,
+    DEFAULT_WORD_ORDER,
+    CharNgramLM,
+    WordNgramLM,
+)
 from pipelines.asr.model import ModelConfig, NoamSchedule, build_recognizer
 from pipelines.common.callbacks import (
     InterruptAtSafePoints,
@@ -119,17 +126,25 @@ class DecodeConfig:
 
     `lm_order`: the order of the character n-gram language model fitted on the training
     transcripts and saved inside `model.keras` for beam search (`pipelines.asr.lm`); 0: none.
+    `word_lm_order`: the order of a word n-gram model over the training transcripts' words, read
+    out character by character on top of the character model (which spells the words outside
+    its lexicon); 0: the character model alone. It needs `lm_order` > 0.
     """
 
-    beam_size: int = 4
-    ctc_weight: float = 0.3
+    beam_size: int = DEFAULT_BEAM_SIZE
+    ctc_weight: float = DEFAULT_CTC_WEIGHT
     batch_size: int = 16
     lm_order: int = DEFAULT_ORDER
     lm_weight: float = DEFAULT_LM_WEIGHT
+    word_lm_order: int = DEFAULT_WORD_ORDER
 
     def __post_init__(self):
         if self.lm_order < 0:
             raise ValueError(f"lm_order must not be negative. Received: {self.lm_order}")
+        if self.word_lm_order < 0:
+            raise ValueError(
+                f"word_lm_order must not be negative. Received: {self.word_lm_order}"
+            )
         if self.lm_weight < 0:
             raise ValueError(f"lm_weight must not be negative. Received: {self.lm_weight}")
 
@@ -439,6 +454,24 @@ def _jit(value: str):
 # Training
 
 
+def _train_language_model(decode: DecodeConfig, texts, dev_texts, tokenizer):
+    """The language model `decode` asks for, fitted on `texts`, and its summary (or None)."""
+    if not decode.lm_order:
+        return None, None
+    lm = CharNgramLM.train(texts, tokenizer, order=decode.lm_order)
+    summary = {"order": decode.lm_order, "word_order": decode.word_lm_order}
+    kind = f"character {decode.lm_order}-gram"
+    if decode.word_lm_order:
+        lm = WordNgramLM.train(texts, lm, order=decode.word_lm_order, dev_texts=dev_texts)
+        summary.update(vocabulary=len(lm.words), oov_rate=lm.oov_rate)
+        kind = (f"word {decode.word_lm_order}-gram ({len(lm.words)} words, OOV rate "
+                f"{lm.oov_rate:.1%}) over a {kind}")  # fmt: skip
+    summary["dev_perplexity"] = lm.perplexity(dev_texts)
+    print(f"{kind} language model: dev perplexity {summary['dev_perplexity']:.2f} per character",
+          file=sys.stderr, flush=True)  # fmt: skip
+    return lm, summary
+
+
 def train(config: TrainConfig, data=None, out=None, callbacks=(), progress: bool = True) -> dict:
     """Train a recognizer and write `model.keras`, `config.yaml` and `metrics.json` to `out`.
 
@@ -483,19 +516,9 @@ def train(config: TrainConfig, data=None, out=None, callbacks=(), progress: bool
         model.compile(optimizer=optimizer, jit_compile=_jit(config.jit_compile))
     dev_features = [prepared.extractor.compute(u.audio_filepath) for u in prepared.dev]
     dev_texts = [u.text for u in prepared.dev]
-    lm_summary = None
-    if config.decode.lm_order:  # seconds; saved inside every model.keras written from now on
-        model.language_model = CharNgramLM.train(
-            [u.text for u in prepared.train], prepared.tokenizer, order=config.decode.lm_order
-        )
-        perplexity = model.language_model.perplexity(dev_texts)
-        lm_summary = {"order": config.decode.lm_order, "dev_perplexity": perplexity}
-        print(
-            f"character {config.decode.lm_order}-gram language model: dev perplexity "
-            f"{perplexity:.2f} per character",
-            file=sys.stderr,
-            flush=True,
-        )
+    model.language_model, lm_summary = _train_language_model(
+        config.decode, [u.text for u in prepared.train], dev_texts, prepared.tokenizer
+    )  # seconds; saved inside every model.keras written from now on
     evaluation = DevEvaluation(dev_features, dev_texts, out, config.decode.batch_size)
 
     from pipelines.asr.transcribe import alignment_figure

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from pipelines.asr.ctc import DEFAULT_BEAM_SIZE, DEFAULT_CTC_WEIGHT
 from pipelines.asr.lm import DEFAULT_LM_WEIGHT
 from pipelines.asr.segment import DEFAULT_MAX_SECONDS
 from toolkit.errors import UserError
@@ -89,8 +90,8 @@ def alignment_figure(alignment, text, title):
 def transcribe_files(
     audio_paths,
     model_path=None,
-    beam_size: int = 4,
-    ctc_weight: float = 0.5,
+    beam_size: int = DEFAULT_BEAM_SIZE,
+    ctc_weight: float = DEFAULT_CTC_WEIGHT,
     lm_weight: float = DEFAULT_LM_WEIGHT,
     json_output: bool = False,
     alignment_dir=None,
@@ -104,7 +105,7 @@ def transcribe_files(
     A file longer than `max_segment_seconds` is transcribed in segments cut at low-energy points
     (`pipelines.asr.segment`), with bounded memory; its text is the segments' texts in order,
     and `--alignment-png` saves one plot per segment (`<stem>.seg001.png`, ...). Beam search
-    adds the model's character language model with `lm_weight` when it has one.
+    adds the model's language model with `lm_weight` when it has one.
 
     Returns:
         0 when every file was transcribed, 2 when some could not be read (each named on stderr).

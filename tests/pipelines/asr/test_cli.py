@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.asr.__main__ import main
+from pipelines.asr.lm import DEFAULT_LM_WEIGHT
 
 
 def run(args, cwd, env):
@@ -66,9 +67,11 @@ def test_train_writes_every_output(trained):
     assert [e["epoch"] for e in metrics["epochs"]] == [0, 1]
     assert 0.0 <= metrics["best_dev_cer"] and metrics["train_utterances"] > 30
     assert 100_000 < metrics["parameters"] < 1_000_000
-    # The character language model fitted on the transcripts is inside the model file.
-    assert metrics["language_model"]["order"] == 8
-    assert 1.0 < metrics["language_model"]["dev_perplexity"] < 40
+    # The language model fitted on the transcripts (word trigrams over character 8-grams) is
+    # inside the model file.
+    lm = metrics["language_model"]
+    assert lm["order"] == 8 and lm["word_order"] == 3 and lm["vocabulary"] > 20
+    assert 0.0 < lm["oov_rate"] < 1.0 and 1.0 < lm["dev_perplexity"] < 40
     config = (run_dir / "config.yaml").read_text()
     assert "d_model: 96" in config and "tracking: 'off'" in config
     assert not (root / "home" / "mlflow.db").exists()  # tracking=off wrote no store
@@ -82,7 +85,8 @@ def test_model_loads_safely_without_custom_objects(trained):
         "import sys, keras, pipelines.asr.model\n"
         "m = keras.saving.load_model(sys.argv[1], safe_mode=True)\n"
         "print(type(m).__name__, m.get_tokenizer().vocab_size, len(m.feature_stats['mean']),"
-        " m.feature_params['hop_length'], m.language_model.order)\n"
+        " m.feature_params['hop_length'], type(m.language_model).__name__,"
+        " m.language_model.order, m.language_model.char_lm.order)\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code, str(run_dir / "model.keras")],
@@ -92,7 +96,9 @@ def test_model_loads_safely_without_custom_objects(trained):
         text=True,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["TransformerRecognizer", "32", "80", "160", "8"]
+    assert result.stdout.split() == [
+        "TransformerRecognizer", "32", "80", "160", "WordNgramLM", "3", "8"
+    ]
 
 
 @pytest.mark.slow
@@ -155,7 +161,7 @@ def test_evaluate_json(trained):
         report
     )
     assert report["utterances"] == 2 and report["rtf"] > 0 and report["cer"] >= 0
-    assert report["lm_weight"] == 0.3  # the default: the model's language model is used
+    assert report["lm_weight"] == DEFAULT_LM_WEIGHT  # the default: the model's LM is used
 
 
 @pytest.mark.slow
@@ -206,6 +212,7 @@ def test_missing_model_file_is_a_user_error(tmp_path, capsys):
 @pytest.mark.parametrize(
     "override, name",
     [("optim.lr_schedule=cosine", "optim.lr_schedule"), ("decode.lm_order=-1", "lm_order"),
+     ("decode.word_lm_order=-1", "word_lm_order"),
      ("optim.final_lr_fraction=2", "final_lr_fraction")],
 )  # fmt: skip
 def test_bad_schedule_and_language_model_settings_are_user_errors(override, name, capsys):

@@ -1,10 +1,10 @@
-"""The character n-gram language model: Kneser-Ney values, saving, fusion in beam search."""
+"""The n-gram language models: Kneser-Ney values, the word look-ahead, saving, fusion."""
 
 import numpy as np
 import pytest
 
 from pipelines.asr.decode import Decoder
-from pipelines.asr.lm import LOG_ZERO, CharNgramLM
+from pipelines.asr.lm import LOG_ZERO, CharNgramLM, WordNgramLM, load_language_model
 from pipelines.asr.model import ModelConfig, build_recognizer
 from pipelines.asr.tokenizer import CharTokenizer
 from toolkit.errors import UserError
@@ -88,6 +88,56 @@ def test_training_needs_text():
         CharNgramLM.train(["abc"], order=0)
 
 
+WORD_TEXTS = ["the cat sat on the mat", "the dog sat on the log", "a cat and a dog",
+              "the cat ate", "on the mat the dog sat"]  # fmt: skip
+
+
+def word_lm(oov_rate=0.05, order=2):
+    char_lm = CharNgramLM.train(WORD_TEXTS, order=4)
+    lm = WordNgramLM.train(WORD_TEXTS, char_lm, order=order)
+    return WordNgramLM(char_lm, lm.words, lm.order, lm.tables, lm.discounts, oov_rate)
+
+
+@pytest.mark.parametrize("history", ["", "the", "the c", "the ca", "the cat ", "a zeb", "zz"])
+def test_word_model_gives_a_normalised_next_character_distribution(history):
+    p = np.exp(word_lm().log_probs(ids(history)).astype(np.float64))
+    assert p.sum() == pytest.approx(1.0, abs=1e-5)
+    assert p[TOKENIZER.blank_id] == 0 and p[TOKENIZER.start_id] == 0
+
+
+def test_word_model_characters_multiply_to_the_word_ngram_probability():
+    # With almost no mass for unknown words, the look-ahead ratios telescope: the characters of
+    # "the cat" and </s> multiply to P(the | <s>) P(cat | the) P(</s> | cat).
+    lm = word_lm(oov_rate=1e-9)
+    w = {word: i for i, word in enumerate(lm.words)}
+    start, end = lm._distribution((-1,)), len(lm.words)
+    expected = (np.log(start[w["the"]]) + np.log(lm._distribution((w["the"],))[w["cat"]])
+                + np.log(lm._distribution((w["cat"],))[end]))
+    assert lm.sentence_log_prob("the cat") == pytest.approx(expected, abs=1e-4)
+
+
+def test_word_model_looks_ahead_in_its_lexicon_and_still_spells_unknown_words():
+    lm = word_lm()
+    after_the_c = lm.log_probs(ids("the c"))
+    assert int(np.argmax(after_the_c)) == ids("a")[0]  # only "cat" starts with "c"
+    # "the cot": outside the lexicon, spelled by the character model: unlikely, not impossible
+    assert LOG_ZERO < after_the_c[ids("o")[0]] < after_the_c[ids("a")[0]] - 2.0
+    char_lm = CharNgramLM.train(WORD_TEXTS, order=4)
+    assert lm.perplexity(["the dog ate"]) < char_lm.perplexity(["the dog ate"])
+    assert np.isfinite(lm.sentence_log_prob("the zebra sat"))
+
+
+def test_word_model_oov_rate_comes_from_the_dev_words():
+    char_lm = CharNgramLM.train(WORD_TEXTS, order=3)
+    lm = WordNgramLM.train(WORD_TEXTS, char_lm, order=2, dev_texts=["the cat", "a zebra sat"])
+    assert lm.oov_rate == pytest.approx(1 / 5)  # zebra
+    assert WordNgramLM.train(WORD_TEXTS, char_lm, order=2).oov_rate == 0.05
+    with pytest.raises(ValueError, match="no text"):
+        WordNgramLM.train(["", "?!"], char_lm)
+    with pytest.raises(ValueError, match="oov_rate"):
+        word_lm(oov_rate=1.0)
+
+
 TINY = dict(d_model=32, num_heads=2, encoder_layers=1, decoder_layers=1, intermediate_dim=64,
             conv_channels=4, dropout=0.0)  # fmt: skip
 
@@ -106,6 +156,15 @@ def test_recognizer_keeps_its_language_model_inside_the_keras_file(tmp_path):
     np.testing.assert_array_equal(
         loaded.language_model.log_probs(ids("goo")), model.language_model.log_probs(ids("goo"))
     )
+    model.language_model = word_lm()  # the word model travels with its character model
+    model.save(tmp_path / "with_word_lm.keras")
+    loaded = keras.saving.load_model(tmp_path / "with_word_lm.keras", safe_mode=True)
+    assert isinstance(loaded.language_model, WordNgramLM)
+    assert loaded.language_model.words == model.language_model.words
+    for history in ("the c", "a zeb", "the cat "):
+        np.testing.assert_allclose(loaded.language_model.log_probs(ids(history)),
+                                   model.language_model.log_probs(ids(history)), rtol=1e-6)
+    assert load_language_model(tmp_path) is None  # no lm.npz there
 
 
 def test_heavy_language_model_weight_makes_beam_search_spell_its_sentence():

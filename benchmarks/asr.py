@@ -124,7 +124,8 @@ def main(argv=None) -> int:
             f"{test_split} utterances")
         results[beam, lm_weight] = evaluate(model_path, test_manifest, beam_size=beam,
                                             lm_weight=lm_weight, limit=args.eval_utterances)
-    best = results[decodings[min(2, len(decodings) - 1)]]  # the default decoding
+    default_lm_weight = DEFAULT_LM_WEIGHT if model.language_model is not None else 0.0
+    best = results[DEFAULT_BEAM_SIZE, default_lm_weight]  # the default decoding
     extractor = feature_extractor_for(model)
     long_utt = max(splits[test_split].utterances[:50], key=lambda u: u.duration)
     speed = cache_speedup(model, extractor.compute(long_utt.audio_filepath))

@@ -13,7 +13,7 @@ TensorFlow, `jax.jit` on JAX) and drives them from a Python loop:
                  + lm_weight * log p_lm(h)
 
   (Watanabe et al., 2017) where psi_ctc is the CTC prefix probability (`pipelines.asr.ctc`), which
-  penalises the looping and skipping attention decoders are prone to, and p_lm the character
+  penalises the looping and skipping attention decoders are prone to, and p_lm the n-gram
   language model stored in the recognizer, if any (`pipelines.asr.lm`, shallow fusion).
   Candidates per hypothesis are the `pre_beam` best tokens by attention (plus weighted LM)
   score; finished hypotheses are ranked by their score divided by their length

@@ -156,24 +156,25 @@ def _add_decoding_arguments(parser) -> None:
     from pipelines.asr.ctc import DEFAULT_BEAM_SIZE, DEFAULT_CTC_WEIGHT
     from pipelines.asr.lm import DEFAULT_LM_WEIGHT
 
+    saved = "default: the model's own setting, from its training config, else"
     parser.add_argument(
         "--beam",
         type=int,
-        default=DEFAULT_BEAM_SIZE,
-        help=f"beam width; 1 = greedy (default {DEFAULT_BEAM_SIZE})",
+        default=None,
+        help=f"beam width; 1 = greedy ({saved} {DEFAULT_BEAM_SIZE})",
     )
     parser.add_argument(
         "--ctc-weight",
         type=float,
-        default=DEFAULT_CTC_WEIGHT,
-        help=f"CTC prefix score weight (default {DEFAULT_CTC_WEIGHT:g})",
+        default=None,
+        help=f"CTC prefix score weight ({saved} {DEFAULT_CTC_WEIGHT:g})",
     )
     parser.add_argument(
         "--lm-weight",
         type=float,
-        default=DEFAULT_LM_WEIGHT,
+        default=None,
         help="weight of the model's language model in beam search; 0 = none "
-        f"(default {DEFAULT_LM_WEIGHT:g})",
+        f"({saved} {DEFAULT_LM_WEIGHT:g})",
     )
 
 

@@ -39,7 +39,9 @@ import numpy as np
 from keras import ops
 
 from pipelines.asr.ctc import DEFAULT_BEAM_SIZE, DEFAULT_CTC_WEIGHT, CTCPrefixScorer
+from pipelines.asr.lm import DEFAULT_LM_WEIGHT
 from pipelines.asr.tokenizer import CharTokenizer
+from toolkit.errors import UserError
 
 NEG_INF = -1e30
 START_ID = CharTokenizer.start_id
@@ -103,6 +105,17 @@ def pad_batch(features_list, frame_multiple: int = FRAME_MULTIPLE):
     for i, f in enumerate(features_list):
         batch[i, : len(f)] = f
     return batch, lengths
+
+
+def check_decoding_options(beam_size=None, ctc_weight=None, lm_weight=None) -> None:
+    """Raise `UserError` for a beam width below 1, a CTC weight outside [0, 1] or a negative
+    LM weight; `None` (not given) passes."""
+    if beam_size is not None and beam_size < 1:
+        raise UserError(f"--beam must be at least 1. Received: {beam_size}")
+    if ctc_weight is not None and not 0.0 <= ctc_weight <= 1.0:
+        raise UserError(f"--ctc-weight must be in [0, 1]. Received: {ctc_weight}")
+    if lm_weight is not None and lm_weight < 0:
+        raise UserError(f"--lm-weight must not be negative. Received: {lm_weight}")
 
 
 class Decoder:
@@ -206,6 +219,27 @@ class Decoder:
             self._loop = loop
 
     # ------------------------------------------------------------------------------------------
+
+    def settings(self, beam_size=None, ctc_weight=None, lm_weight=None) -> dict:
+        """The decoding options `beam_size`, `ctc_weight` and `lm_weight`: each one given, else
+        the one the model was trained with (`decode:` in its config, stored in the model), else
+        the package default (`DEFAULT_BEAM_SIZE`, `DEFAULT_CTC_WEIGHT`, `DEFAULT_LM_WEIGHT`).
+
+        Raises:
+            UserError: an option out of range (`check_decoding_options`).
+        """
+        saved = getattr(self.model, "decoding", None) or {}
+
+        def pick(value, key, default):
+            return value if value is not None else saved.get(key, default)
+
+        options = {
+            "beam_size": int(pick(beam_size, "beam_size", DEFAULT_BEAM_SIZE)),
+            "ctc_weight": float(pick(ctc_weight, "ctc_weight", DEFAULT_CTC_WEIGHT)),
+            "lm_weight": float(pick(lm_weight, "lm_weight", DEFAULT_LM_WEIGHT)),
+        }
+        check_decoding_options(**options)
+        return options
     def encode(self, features, lengths):
         """Run the encoder: returns NumPy-convertible (encoded, mask, ctc_log_probs)."""
         return self._encode(

@@ -14,8 +14,6 @@ from __future__ import annotations
 import sys
 import time
 
-from pipelines.asr.ctc import DEFAULT_BEAM_SIZE, DEFAULT_CTC_WEIGHT
-from pipelines.asr.lm import DEFAULT_LM_WEIGHT
 from pipelines.asr.segment import DEFAULT_MAX_SECONDS
 from toolkit.errors import UserError
 
@@ -23,9 +21,9 @@ from toolkit.errors import UserError
 def evaluate(
     model_path=None,
     data=None,
-    beam_size: int = DEFAULT_BEAM_SIZE,
-    ctc_weight: float = DEFAULT_CTC_WEIGHT,
-    lm_weight: float = DEFAULT_LM_WEIGHT,
+    beam_size: int | None = None,
+    ctc_weight: float | None = None,
+    lm_weight: float | None = None,
     batch_size: int = 16,
     limit: int | None = None,
     progress: bool = False,
@@ -36,10 +34,11 @@ def evaluate(
     Args:
         model_path: str, Path or None. The model (`None`: the newest under `runs/asr/`).
         data: str or Path. A manifest (`.jsonl`), an LJSpeech folder or a wav+txt folder.
-        beam_size: int. `1` is batched greedy decoding. Defaults to `4`.
-        ctc_weight: float. Weight of the CTC prefix score in beam search. Defaults to `0.5`.
-        lm_weight: float. Weight of the model's language model in beam search (none:
-            ignored). Defaults to `DEFAULT_LM_WEIGHT`.
+        beam_size: int or None. `1` is batched greedy decoding.
+        ctc_weight: float or None. Weight of the CTC prefix score in beam search.
+        lm_weight: float or None. Weight of the model's language model in beam search (none:
+            ignored). For these three, `None` is the setting the model was trained with, else
+            the package default (beam 4, CTC 0.5, LM 0.5; `Decoder.settings`).
         batch_size: int. Utterances per greedy batch. Defaults to `16`.
         limit: int or None. Only the first `limit` utterances.
         max_segment_seconds: float. Utterances longer than this are decoded in segments cut at
@@ -49,22 +48,22 @@ def evaluate(
         dict (see the module docstring).
     """
     from pipelines.asr.data import load_corpus
-    from pipelines.asr.decode import Decoder
+    from pipelines.asr.decode import Decoder, check_decoding_options
     from pipelines.asr.metrics import error_rates
     from pipelines.asr.segment import join_texts, segment_features
     from pipelines.asr.transcribe import feature_extractor_for, load_recognizer
 
     if data is None:
         raise UserError("evaluate needs --data MANIFEST")
-    if beam_size < 1:
-        raise UserError(f"--beam must be at least 1. Received: {beam_size}")
-    if lm_weight < 0:
-        raise UserError(f"--lm-weight must not be negative. Received: {lm_weight}")
+    check_decoding_options(beam_size, ctc_weight, lm_weight)
     if not max_segment_seconds > 0:
         raise UserError(
             f"--max-segment-seconds must be positive. Received: {max_segment_seconds}"
         )
     model = load_recognizer(model_path)
+    decoder = Decoder(model)
+    options = decoder.settings(beam_size, ctc_weight, lm_weight)
+    beam_size = options["beam_size"]
     corpus = load_corpus(data)
     utterances = corpus.utterances[:limit] if limit else corpus.utterances
     if not utterances:
@@ -91,8 +90,6 @@ def evaluate(
     feature_seconds = time.perf_counter() - start
     if not kept:
         raise UserError(f"{data}: none of the audio files could be read")
-    decoder = Decoder(model)
-    options = {"beam_size": beam_size, "ctc_weight": ctc_weight, "lm_weight": lm_weight}
     decoder.decode(features[:1], **options)  # compile
     if beam_size == 1 and len(features) > 1:
         decoder.decode(features[:batch_size], beam_size=1, batch_size=batch_size)
@@ -114,8 +111,8 @@ def evaluate(
         "rtf": decode_seconds / audio_seconds,
         "rtf_with_features": (decode_seconds + feature_seconds) / audio_seconds,
         "beam_size": beam_size,
-        "ctc_weight": ctc_weight if beam_size > 1 else 0.0,
-        "lm_weight": lm_weight if beam_size > 1 and decoder.language_model else 0.0,
+        "ctc_weight": options["ctc_weight"] if beam_size > 1 else 0.0,
+        "lm_weight": options["lm_weight"] if beam_size > 1 and decoder.language_model else 0.0,
         "skipped": skipped,
         "examples": [
             {"reference": u.text, "hypothesis": t} for u, t in list(zip(kept, texts))[:5]

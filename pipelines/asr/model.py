@@ -219,10 +219,14 @@ class _Recognizer(keras.Model):
         tokenizer=None,
         feature_params=None,
         feature_stats=None,
+        decoding=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.model_config = dict(model_config or {})
+        # Decoding settings chosen at training (beam_size, ctc_weight, lm_weight): the defaults
+        # of `evaluate` and `transcribe` for this model (`Decoder.settings`).
+        self.decoding = dict(decoding or {})
         self.config = ModelConfig(**{
             **self.model_config,
             "spec_augment": SpecAugmentConfig(**self.model_config.get("spec_augment", {})),
@@ -274,6 +278,7 @@ class _Recognizer(keras.Model):
             "tokenizer": self.tokenizer,
             "feature_params": self.feature_params,
             "feature_stats": self.feature_stats,
+            "decoding": self.decoding,
         }
 
     @classmethod
@@ -381,6 +386,8 @@ class TransformerRecognizer(_Recognizer):
         tokenizer: dict. `CharTokenizer.get_config()`.
         feature_params: dict. `FeatureParams.get_config()` of the training features.
         feature_stats: dict. `FeatureStats.get_config()`: per-band `mean` and `std`.
+        decoding: dict. Default decoding settings for this model (`beam_size`, `ctc_weight`,
+            `lm_weight`), chosen at training.
 
     Call arguments: see `call`. Decoding: `encode`, `initial_decoder_state`, `decoder_step`,
     `decode_full`.
@@ -639,8 +646,13 @@ def build_recognizer(
     tokenizer: CharTokenizer | None = None,
     feature_params: dict | None = None,
     feature_stats: dict | None = None,
+    decoding: dict | None = None,
 ):
-    """Create (and build) the recognizer that `model_config.architecture` names."""
+    """Create (and build) the recognizer that `model_config.architecture` names.
+
+    `decoding` holds the default decoding settings stored with the model (`beam_size`,
+    `ctc_weight`, `lm_weight`).
+    """
     tokenizer = tokenizer or CharTokenizer()
     config = dataclasses.asdict(model_config)
     cls = ARCHITECTURES[model_config.architecture]
@@ -650,6 +662,7 @@ def build_recognizer(
         tokenizer=tokenizer.get_config(),
         feature_params=feature_params or {},
         feature_stats=feature_stats or {},
+        decoding=decoding or {},
         name=f"{model_config.architecture}_recognizer",
     )
     model.build_with_dummy_input()

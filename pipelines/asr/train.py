@@ -122,7 +122,7 @@ class OptimConfig:
 
 @dataclasses.dataclass
 class DecodeConfig:
-    """Decoding: defaults for `evaluate` and `transcribe` (stored in the config beside the model).
+    """Decoding: defaults for `evaluate` and `transcribe` (stored inside the model).
 
     `lm_order`: the order of the character n-gram language model fitted on the training
     transcripts and saved inside `model.keras` for beam search (`pipelines.asr.lm`); 0: none.
@@ -504,6 +504,8 @@ def train(config: TrainConfig, data=None, out=None, callbacks=(), progress: bool
             tokenizer=prepared.tokenizer,
             feature_params=prepared.extractor.params.get_config(),
             feature_stats=prepared.stats.get_config(),
+            decoding={key: getattr(config.decode, key)
+                      for key in ("beam_size", "ctc_weight", "lm_weight")},  # fmt: skip
         )
         optim = config.optim
         if optim.lr_schedule == "noam":

@@ -15,8 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines.asr.ctc import DEFAULT_BEAM_SIZE, DEFAULT_CTC_WEIGHT
-from pipelines.asr.lm import DEFAULT_LM_WEIGHT
 from pipelines.asr.segment import DEFAULT_MAX_SECONDS
 from toolkit.errors import UserError
 
@@ -90,9 +88,9 @@ def alignment_figure(alignment, text, title):
 def transcribe_files(
     audio_paths,
     model_path=None,
-    beam_size: int = DEFAULT_BEAM_SIZE,
-    ctc_weight: float = DEFAULT_CTC_WEIGHT,
-    lm_weight: float = DEFAULT_LM_WEIGHT,
+    beam_size: int | None = None,
+    ctc_weight: float | None = None,
+    lm_weight: float | None = None,
     json_output: bool = False,
     alignment_dir=None,
     runs_dir=DEFAULT_RUNS_DIR,
@@ -105,7 +103,8 @@ def transcribe_files(
     A file longer than `max_segment_seconds` is transcribed in segments cut at low-energy points
     (`pipelines.asr.segment`), with bounded memory; its text is the segments' texts in order,
     and `--alignment-png` saves one plot per segment (`<stem>.seg001.png`, ...). Beam search
-    adds the model's language model with `lm_weight` when it has one.
+    adds the model's language model with `lm_weight` when it has one. `beam_size`,
+    `ctc_weight` and `lm_weight` left `None` take the model's own settings (`Decoder.settings`).
 
     Returns:
         0 when every file was transcribed, 2 when some could not be read (each named on stderr).
@@ -113,9 +112,10 @@ def transcribe_files(
     Raises:
         UserError: no usable model.
     """
-    from pipelines.asr.decode import Decoder
+    from pipelines.asr.decode import Decoder, check_decoding_options
     from pipelines.asr.segment import audio_seconds, transcribe_long
 
+    check_decoding_options(beam_size, ctc_weight, lm_weight)
     if not max_segment_seconds > 0:
         raise UserError(
             f"--max-segment-seconds must be positive. Received: {max_segment_seconds}"
@@ -125,6 +125,7 @@ def transcribe_files(
     model = load_recognizer(model_path, runs_dir)
     extractor = feature_extractor_for(model)
     decoder = Decoder(model)
+    options = decoder.settings(beam_size, ctc_weight, lm_weight)
     sample_rate = extractor.params.sample_rate
     hop = extractor.params.hop_length
     status = 0
@@ -133,9 +134,8 @@ def transcribe_files(
             long = audio_seconds(path) > max_segment_seconds
             if long:
                 result = transcribe_long(
-                    path, extractor, decoder, beam_size=beam_size, ctc_weight=ctc_weight,
-                    lm_weight=lm_weight, max_seconds=max_segment_seconds,
-                    return_alignment=alignment_dir is not None,
+                    path, extractor, decoder, max_seconds=max_segment_seconds,
+                    return_alignment=alignment_dir is not None, **options,
                 )  # fmt: skip
             else:
                 features = extractor.compute(path)
@@ -159,11 +159,7 @@ def transcribe_files(
         else:
             start = time.perf_counter()
             hyp = decoder.decode(
-                [features],
-                beam_size=beam_size,
-                ctc_weight=ctc_weight,
-                lm_weight=lm_weight,
-                return_alignment=alignment_dir is not None,
+                [features], return_alignment=alignment_dir is not None, **options
             )[0]
             elapsed = time.perf_counter() - start
             text = decoder.tokenizer.decode(hyp.tokens)

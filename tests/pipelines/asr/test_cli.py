@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.asr.__main__ import main
-from pipelines.asr.lm import DEFAULT_LM_WEIGHT
+from pipelines.asr.ctc import DEFAULT_CTC_WEIGHT
 
 
 def run(args, cwd, env):
@@ -47,6 +47,7 @@ def trained(tmp_path_factory):
             "--no-progress",
             "tracking=off",
             "jit_compile=false",
+            "decode.lm_weight=0.4",  # saved in the model: evaluate's default
         ],
         root,
         env,
@@ -149,7 +150,7 @@ def test_evaluate_json(trained):
             "--data",
             str(root / "corpus" / "test.jsonl"),
             "--beam",
-            "2",
+            "1",
             "--json",
         ],
         root,
@@ -161,7 +162,16 @@ def test_evaluate_json(trained):
         report
     )
     assert report["utterances"] == 2 and report["rtf"] > 0 and report["cer"] >= 0
-    assert report["lm_weight"] == DEFAULT_LM_WEIGHT  # the default: the model's LM is used
+    assert report["beam_size"] == 1 and report["lm_weight"] == 0.0  # greedy: no LM
+    # Without --beam: the model's own decoding settings (tiny.yaml's beam 2, LM weight 0.4).
+    result = run(
+        ["evaluate", "--model", str(run_dir), "--data", str(root / "corpus" / "test.jsonl"),
+         "--json"], root, env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["beam_size"] == 2 and report["lm_weight"] == 0.4
+    assert report["ctc_weight"] == DEFAULT_CTC_WEIGHT
 
 
 @pytest.mark.slow

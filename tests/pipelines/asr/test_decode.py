@@ -5,8 +5,11 @@ import math
 import numpy as np
 import pytest
 
+from pipelines.asr.ctc import DEFAULT_BEAM_SIZE, DEFAULT_CTC_WEIGHT
 from pipelines.asr.decode import Decoder, pad_batch
+from pipelines.asr.lm import DEFAULT_LM_WEIGHT
 from pipelines.asr.model import ModelConfig, build_recognizer
+from toolkit.errors import UserError
 
 TINY = dict(
     d_model=32,
@@ -132,3 +135,23 @@ def test_invalid_arguments(transformer):
         transformer.beam_search(f, 30, beam_size=0)
     with pytest.raises(ValueError, match="ctc_weight"):
         transformer.beam_search(f, 30, ctc_weight=2.0)
+
+
+def test_settings_take_given_then_saved_then_default(transformer):
+    assert transformer.settings() == {"beam_size": DEFAULT_BEAM_SIZE,
+                                      "ctc_weight": DEFAULT_CTC_WEIGHT,
+                                      "lm_weight": DEFAULT_LM_WEIGHT}  # fmt: skip
+    saved = dict(transformer.model.decoding)
+    transformer.model.decoding = {"beam_size": 8, "lm_weight": 0.2}  # no ctc_weight saved
+    try:
+        assert transformer.settings() == {"beam_size": 8, "ctc_weight": DEFAULT_CTC_WEIGHT,
+                                          "lm_weight": 0.2}  # fmt: skip
+        assert transformer.settings(beam_size=1, ctc_weight=0.3, lm_weight=0.0) == {
+            "beam_size": 1, "ctc_weight": 0.3, "lm_weight": 0.0}  # fmt: skip
+        transformer.model.decoding = {"beam_size": 0}
+        with pytest.raises(UserError, match="--beam"):
+            transformer.settings()
+        with pytest.raises(UserError, match="--ctc-weight"):
+            transformer.settings(beam_size=2, ctc_weight=1.5)
+    finally:
+        transformer.model.decoding = saved

@@ -115,6 +115,7 @@ def test_joint_loss_mixes_ctc_and_attention():
 
 def test_save_and_load_is_self_contained(tmp_path):
     model = tiny_model()
+    model.decoding = {"beam_size": 8, "ctc_weight": 0.3, "lm_weight": 0.2}
     x, _ = batch(np.random.default_rng(4))
     path = tmp_path / "model.keras"
     model.save(path)
@@ -122,6 +123,7 @@ def test_save_and_load_is_self_contained(tmp_path):
     assert isinstance(loaded, TransformerRecognizer)
     assert loaded.get_tokenizer() == CharTokenizer()
     np.testing.assert_allclose(loaded.feature_stats["std"], np.linspace(1, 2, 80), rtol=1e-6)
+    assert loaded.decoding == {"beam_size": 8, "ctc_weight": 0.3, "lm_weight": 0.2}
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(loaded(x)["logits"]),
         keras.ops.convert_to_numpy(model(x)["logits"]),

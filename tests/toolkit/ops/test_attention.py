@@ -379,6 +379,38 @@ def test_choose_implementation():
     assert choose(128, 128) in ("explicit", "fused")
 
 
+@pytest.mark.skipif(
+    BACKEND != "tensorflow", reason="unknown static lengths only exist in TF graphs"
+)
+@pytest.mark.parametrize("threshold", [10**9, 1])  # runs the explicit path, then the chunked one
+def test_auto_with_unknown_lengths_chooses_when_it_runs(threshold, monkeypatch):
+    import tensorflow as tf
+
+    monkeypatch.setattr(attention_module, "AUTO_CHUNKED_MIN_SCORES", threshold)
+    q, k, v = make((2, 11, 4, 8), (2, 19, 2, 8))
+    mask = padding_mask(2, 19)
+    expected, _ = reference(q, k, v, mask, causal=True)
+    spec = [tf.TensorSpec((None, None, 4, 8)), tf.TensorSpec((None, None, 2, 8)),
+            tf.TensorSpec((None, None, 2, 8)), tf.TensorSpec((None, 1, 1, None), tf.bool)]
+
+    @tf.function(input_signature=spec)
+    def fn(q, k, v, m):
+        with tf.GradientTape() as tape:
+            tape.watch(q)
+            out = sdpa(q, k, v, mask=m, is_causal=True, **CHUNKS)
+            loss = tf.reduce_sum(out * out)
+        return out, tape.gradient(loss, q)
+
+    out, grad = fn(q, k, v, mask)
+    np.testing.assert_allclose(out.numpy(), expected, atol=1e-5)
+    q_static = tf.constant(q)
+    with tf.GradientTape() as tape:
+        tape.watch(q_static)
+        out = sdpa(q_static, k, v, mask=mask, is_causal=True, implementation="explicit")
+        loss = tf.reduce_sum(out * out)
+    np.testing.assert_allclose(grad.numpy(), tape.gradient(loss, q_static).numpy(), atol=1e-4)
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [

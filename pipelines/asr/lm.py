@@ -59,6 +59,30 @@ CACHE_SIZE = 200_000  # histories whose distributions are kept (about 70 MB)
 WORD_CACHE_SIZE = 500  # word histories whose distributions are kept (about 64 MB)
 
 
+class _RowIndex:
+    """`get(key)`: the row of a uint8 `(H, n)` history array whose bytes are `key`, or None.
+
+    A binary search over the rows sorted as byte strings: building it is one `argsort`, not a
+    Python object per row, so loading a model with millions of histories stays fast.
+    """
+
+    def __init__(self, histories: np.ndarray):
+        self._rows, width = histories.shape
+        self._dtype = np.dtype(f"V{max(width, 1)}")
+        if width:
+            keys = np.ascontiguousarray(histories).view(self._dtype).ravel()
+            self._order = np.argsort(keys)
+            self._keys = keys[self._order]
+
+    def get(self, key: bytes) -> int | None:
+        if not key:  # the order-1 table: one row with the empty history
+            return 0 if self._rows else None
+        i = int(np.searchsorted(self._keys, np.frombuffer(key, self._dtype))[0])
+        if i < self._rows and self._keys[i].tobytes() == key:
+            return int(self._order[i])
+        return None
+
+
 class _NextCharacterModel:
     """What both language models share: `log_probs(history)` over a tokenizer's ids."""
 
@@ -113,10 +137,9 @@ class CharNgramLM(_NextCharacterModel):
         self.discounts = [float(d) for d in discounts]
         self.tables = []
         for histories, counts in tables:
-            histories = np.asarray(histories, np.uint8)
+            histories = np.ascontiguousarray(histories, np.uint8)
             counts = np.asarray(counts, np.float32)
-            index = {bytes(h): i for i, h in enumerate(histories)}
-            self.tables.append((histories, counts, index))
+            self.tables.append((histories, counts, _RowIndex(histories)))
         vocab = tokenizer.vocab_size
         self.valid = np.zeros((vocab,), bool)  # what the model can predict
         self.valid[len(tokenizer.tokens) - len(tokenizer.characters):] = True
@@ -331,19 +354,9 @@ class WordNgramLM(_NextCharacterModel):
         self.tables = [tuple(np.asarray(a) for a in table) for table in tables]
         self._word_ids = {w: i for i, w in enumerate(self.words)}
         self._end = len(self.words)
-        # Per order: history tuple -> (following ids, discounted probabilities, back-off weight).
-        self._rows = []
-        for k, (histories, offsets, ids, counts) in enumerate(self.tables, start=1):
-            rows = {}
-            d = self.discounts[k - 1]
-            for i, history in enumerate(histories.tolist()):
-                c = counts[offsets[i] : offsets[i + 1]].astype(np.float64)
-                total = c.sum()
-                rows[tuple(history)] = (
-                    ids[offsets[i] : offsets[i + 1]], np.maximum(c - d, 0.0) / total,
-                    d * len(c) / total,
-                )
-            self._rows.append(rows)
+        # Per order: history tuple -> its row in the table.
+        self._rows = [{tuple(h): i for i, h in enumerate(table[0].tolist())}
+                      for table in self.tables]  # fmt: skip
         tokens = self.tokenizer.tokens
         first = len(tokens) - len(self.tokenizer.characters)
         self._letters = [tokens[i] for i in range(first, len(tokens)) if tokens[i] != " "]
@@ -406,9 +419,12 @@ class WordNgramLM(_NextCharacterModel):
         for k in range(1, self.order + 1):
             row = self._rows[k - 1].get(history[len(history) - (k - 1) :] if k > 1 else ())
             if row is not None:
-                ids, discounted, backoff = row
-                p *= backoff
-                p[ids] += discounted
+                _, offsets, ids, counts = self.tables[k - 1]
+                span = slice(offsets[row], offsets[row + 1])
+                c = counts[span].astype(np.float64)
+                d = self.discounts[k - 1]
+                p *= d * len(c) / c.sum()
+                p[ids[span]] += np.maximum(c - d, 0.0) / c.sum()
         if len(self._dist_cache) >= WORD_CACHE_SIZE:
             self._dist_cache.clear()
         self._dist_cache[history] = p

@@ -240,6 +240,7 @@ class Decoder:
         }
         check_decoding_options(**options)
         return options
+
     def encode(self, features, lengths):
         """Run the encoder: returns NumPy-convertible (encoded, mask, ctc_log_probs)."""
         return self._encode(

@@ -422,9 +422,9 @@ class WordNgramLM(_NextCharacterModel):
                 _, offsets, ids, counts = self.tables[k - 1]
                 span = slice(offsets[row], offsets[row + 1])
                 c = counts[span].astype(np.float64)
-                d = self.discounts[k - 1]
-                p *= d * len(c) / c.sum()
-                p[ids[span]] += np.maximum(c - d, 0.0) / c.sum()
+                d, total = self.discounts[k - 1], c.sum()
+                p *= d * len(c) / total
+                p[ids[span]] += np.maximum(c - d, 0.0) / total
         if len(self._dist_cache) >= WORD_CACHE_SIZE:
             self._dist_cache.clear()
         self._dist_cache[history] = p

@@ -12,6 +12,7 @@ from pipelines.asr.model import (
     RNNRecognizer,
     TransformerRecognizer,
     build_recognizer,
+    ctc_loss,
 )
 from pipelines.asr.tokenizer import CharTokenizer
 
@@ -111,6 +112,71 @@ def test_joint_loss_mixes_ctc_and_attention():
     model.config = dataclasses.replace(model.config, ctc_weight=0.3)
     joint = float(keras.ops.convert_to_numpy(model.compute_loss(x, y, out)))
     np.testing.assert_allclose(joint, 0.3 * ctc + 0.7 * att, rtol=1e-5)
+
+
+def _ctc_and_gradient(fn, labels, logits, label_lengths, logit_lengths):
+    """The per-utterance losses and d(sum of losses)/d(logits) under the current backend."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        def total(x):
+            per_utt = fn(labels, x, label_lengths, logit_lengths)
+            return keras.ops.sum(per_utt), per_utt
+
+        (_, losses), grad = jax.value_and_grad(total, has_aux=True)(logits)
+        return np.asarray(losses), np.asarray(grad)
+    import tensorflow as tf
+
+    x = tf.Variable(logits)
+    with tf.GradientTape() as tape:
+        losses = fn(labels, x, label_lengths, logit_lengths)
+        total = tf.reduce_sum(losses)
+    return losses.numpy(), tape.gradient(total, x).numpy()
+
+
+def test_ctc_loss_matches_keras_values_and_gradients():
+    """The fast CTC loss (TensorFlow's C++ kernel) equals `keras.ops.ctc_loss`, and so do the
+    gradients, with repeated labels, padding of both axes and a blank id inside the vocabulary."""
+    rng = np.random.default_rng(7)
+    logits = rng.normal(size=(3, 20, 9)).astype("float32")
+    labels = np.array([[3, 3, 5, 1, 0, 0, 0], [2, 4, 6, 8, 7, 3, 3], [6, 0, 0, 0, 0, 0, 0]])
+    label_lengths = np.array([4, 7, 1])
+    logit_lengths = np.array([20, 15, 9])
+    got = _ctc_and_gradient(ctc_loss, labels, logits, label_lengths, logit_lengths)
+
+    def reference(*args):
+        return keras.ops.ctc_loss(*args, mask_index=0)
+
+    want = _ctc_and_gradient(reference, labels, logits, label_lengths, logit_lengths)
+    assert np.all(got[0] > 0)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    np.testing.assert_allclose(got[1], want[1], atol=1e-5)
+    # Frames beyond an utterance's length get no gradient.
+    np.testing.assert_array_equal(got[1][1, 15:], 0.0)
+    # With the blank elsewhere than 0: the same loss as keras with that mask index.
+    shifted = np.where(labels == 0, 4, np.where(labels == 4, 0, labels))
+    moved = logits[..., [4, 1, 2, 3, 0, 5, 6, 7, 8]]
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(ctc_loss(shifted, moved, label_lengths, logit_lengths, 4)),
+        want[0],
+        rtol=1e-5,
+    )
+
+
+def test_ctc_loss_of_too_short_utterances_is_zero():
+    """An utterance with fewer frames than its labels need (a repeat needs a blank between)
+    adds no loss and no gradient; a feasible one beside it is unaffected."""
+    rng = np.random.default_rng(8)
+    logits = rng.normal(size=(3, 5, 7)).astype("float32")
+    labels = np.array([[3, 3, 3, 0, 0, 0], [2, 3, 4, 5, 6, 2], [3, 3, 4, 0, 0, 0]])
+    label_lengths = np.array([3, 6, 3])
+    logit_lengths = np.array([4, 5, 5])  # needs 5, 6 and 4 frames
+    losses, grad = _ctc_and_gradient(ctc_loss, labels, logits, label_lengths, logit_lengths)
+    np.testing.assert_array_equal(losses[:2], 0.0)
+    np.testing.assert_array_equal(grad[:2], 0.0)
+    alone = keras.ops.ctc_loss(labels[2:], logits[2:], label_lengths[2:], logit_lengths[2:])
+    np.testing.assert_allclose(losses[2], keras.ops.convert_to_numpy(alone)[0], rtol=1e-5)
+    assert np.abs(grad[2]).sum() > 0
 
 
 def test_save_and_load_is_self_contained(tmp_path):

@@ -14,11 +14,11 @@ bash scripts/audit.sh
 
 workers="${TEST_WORKERS:-2}"
 echo "== pytest (KERAS_BACKEND=tensorflow)"
-KERAS_BACKEND=tensorflow .venv/bin/pytest -q -n "$workers" --timeout 900 tests
+KERAS_BACKEND=tensorflow .venv/bin/pytest -q -n "$workers" --timeout 900 --durations 15 tests
 
 # Under JAX: the tiny end-to-end CLI trainings of both pipelines (marked both_backends) and
 # everything not marked slow; the other slow tests (interrupted, repeated and bad-data
 # trainings, notebooks, the browser test) run under TensorFlow above.
 echo "== pytest (KERAS_BACKEND=jax)"
-KERAS_BACKEND=jax .venv/bin/pytest -q -n "$workers" --timeout 900 \
+KERAS_BACKEND=jax .venv/bin/pytest -q -n "$workers" --timeout 900 --durations 15 \
     -m "not slow or both_backends" tests

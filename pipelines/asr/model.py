@@ -158,7 +158,7 @@ def subsampled_lengths(lengths, factor_log2: int):
     return lengths
 
 
-def ctc_loss(labels, logits, label_lengths, logit_lengths, blank_id=0):
+def ctc_loss(labels, logits, label_lengths, logit_lengths, blank_id=0, xla=False):
     """Per-utterance CTC negative log-likelihood, `(B,)`.
 
     The same loss as `keras.ops.ctc_loss(labels, logits, label_lengths, logit_lengths,
@@ -167,7 +167,8 @@ def ctc_loss(labels, logits, label_lengths, logit_lengths, blank_id=0):
     TensorFlow runs its C++ CTC kernel instead, with the same values and gradients: 9 ms
     against 222 ms for the loss and its gradient of 16 utterances of 96 frames and up to 64
     labels on a 2-core CPU, where the dense path took a third of the recognizer's training
-    step. Other backends use `keras.ops.ctc_loss`.
+    step. That kernel has no XLA version: with `xla=True` (the loss is compiled with XLA, as
+    `model.compile(jit_compile=True)` does), and on other backends, `keras.ops.ctc_loss` runs.
 
     Args:
         labels: (B, L) int. Labels, padded after `label_lengths[b]` with `blank_id`, which is
@@ -176,6 +177,7 @@ def ctc_loss(labels, logits, label_lengths, logit_lengths, blank_id=0):
         label_lengths: (B,) int.
         logit_lengths: (B,) int. Frames of each utterance.
         blank_id: int. The blank's id. Defaults to `0`.
+        xla: bool. Whether the loss is compiled with XLA. Defaults to `False`.
 
     An utterance too short for its labels (fewer frames than labels plus repeated
     neighbours, which CTC must separate by a blank) has no CTC path: it gets a loss of 0 and no
@@ -189,7 +191,7 @@ def ctc_loss(labels, logits, label_lengths, logit_lengths, blank_id=0):
         ops.cast(ops.logical_and(real[:, 1:], labels[:, 1:] == labels[:, :-1]), "int32"), axis=1
     )
     feasible = ops.cast(logit_lengths, "int32") >= label_lengths + repeats  # (B,)
-    if keras.backend.backend() == "tensorflow":
+    if keras.backend.backend() == "tensorflow" and not xla:
         loss = _tensorflow_ctc_loss(labels, logits, real, logit_lengths, blank_id)
     else:
         loss = ops.ctc_loss(labels, logits, label_lengths, logit_lengths, mask_index=blank_id)
@@ -428,6 +430,7 @@ class _Recognizer(keras.Model):
             label_lengths,
             ops.cast(y_pred["encoder_lengths"], "int32"),
             blank_id=CharTokenizer.blank_id,
+            xla=bool(getattr(self, "compiled", False) and self.jit_compile),
         )
         ctc = ops.sum(ctc) / num_tokens
         return weight * ctc + (1.0 - weight) * att

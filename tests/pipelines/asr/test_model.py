@@ -10,6 +10,7 @@ from pipelines.asr.model import (
     ModelConfig,
     NoamSchedule,
     RNNRecognizer,
+    SpecAugmentConfig,
     TransformerRecognizer,
     build_recognizer,
     ctc_loss,
@@ -231,6 +232,20 @@ def test_rnn_model_trains_one_step():
     assert np.isfinite(first) and second < first
     after = [keras.ops.convert_to_numpy(w) for w in model.trainable_weights]
     assert sum(not np.allclose(a, b) for a, b in zip(before, after)) >= len(before) // 2
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_transformer_trains_with_and_without_xla(jit_compile):
+    """The joint loss trains the same first step compiled by XLA (where TensorFlow's CTC
+    kernel cannot run) and without it."""
+    x, y = batch(np.random.default_rng(6))
+    model = tiny_model(ctc_weight=0.5, spec_augment=SpecAugmentConfig(enabled=False))
+    reference = float(keras.ops.convert_to_numpy(model.compute_loss(x, y, model(x))))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), jit_compile=jit_compile)
+    first = float(model.train_on_batch(x, y))
+    second = float(model.train_on_batch(x, y))
+    assert first == pytest.approx(reference, rel=1e-4)
+    assert second < first
 
 
 def test_noam_schedule_values_and_config():

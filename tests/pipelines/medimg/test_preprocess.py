@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import pipelines.medimg
@@ -169,7 +169,12 @@ def test_round_trip_to_model_and_back_is_the_identity_within_half_a_voxel(
     )
     ones = geometry.to_original(geometry.to_model(np.ones(stored_shape, np.float32)))
     covered = np.abs(ones - 1.0) < 1e-5
-    assert covered.mean() > 0.2
+    # A small scan under a coarse, shifted model grid is legitimately covered only in part (a
+    # 6 mm cube of 1 mm voxels under a 1 x 2 x 1.375 mm grid shifted by 1 mm: 11% of its
+    # voxels, found by Hypothesis in a JAX test pass); such examples say little
+    # about the round trip and are discarded. If too many are (a bug that shrinks the covered
+    # region everywhere), Hypothesis fails the test as unsatisfiable.
+    assume(covered.mean() > 0.2)
     index = np.indices(stored_shape, dtype=np.float32)
     for axis in range(3):
         # The stored-grid coordinate field, through the model grid and back.

@@ -7,7 +7,7 @@
 1. Quality: trains the default config on the built-in corpus (or `--data`) for `--minutes` of
    wall time (`optim.max_minutes`), or takes an existing `--model`; reports the dev CER curve
    against training minutes, and test CER/WER with greedy decoding, with beam search (beam 4,
-   CTC weight 0.5) and, when the model has its language model, with beam search and the LM at
+   the model's CTC weight) and, when the model has its language model, with beam search and the LM at
    its default weight (the default decoding) and with beam 8 and the LM. Targets (30 min,
    2-core CPU): CER <= 5 %, WER <= 15 % with beam search.
 2. Speed: training utterances per second; decoding real-time factor for greedy (target <= 0.05)
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     import keras
 
     from pipelines.asr import corpus as corpus_module
-    from pipelines.asr.ctc import DEFAULT_BEAM_SIZE, DEFAULT_CTC_WEIGHT
+    from pipelines.asr.ctc import DEFAULT_BEAM_SIZE
     from pipelines.asr.data import load_splits
     from pipelines.asr.evaluate import evaluate
     from pipelines.asr.lm import DEFAULT_LM_WEIGHT
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
         rows.append((f"{kind}, dev perplexity per character",
                      f"{lm['dev_perplexity']:.2f}", ""))
     for (beam, lm_weight), result in results.items():
-        name = "greedy" if beam == 1 else f"beam {beam} + CTC {DEFAULT_CTC_WEIGHT:g}"
+        name = "greedy" if beam == 1 else f"beam {beam} + CTC {result['ctc_weight']:g}"
         if lm_weight:
             name += f" + LM {lm_weight:g}"
         rows.append((f"{test_split} CER / WER, {name}",

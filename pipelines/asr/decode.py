@@ -376,7 +376,8 @@ class Decoder:
             features: (T, F) float array of one utterance (unpadded).
             length: int. Its number of frames.
             beam_size: int. Hypotheses kept per step. Defaults to `4`.
-            ctc_weight: float in [0, 1]. Weight of the CTC prefix score. Defaults to `0.5`.
+            ctc_weight: float in [0, 1]. Weight of the CTC prefix score. Defaults to
+                `DEFAULT_CTC_WEIGHT` (0.3).
             pre_beam: int or None. Candidate tokens per hypothesis (best attention scores);
                 `None` is `int(1.5 * beam_size)`.
             length_normalization: bool. Rank finished hypotheses by score / length.
@@ -523,7 +524,7 @@ class Decoder:
         features_list,
         beam_size: int = 1,
         batch_size: int = 16,
-        ctc_weight: float = 0.5,
+        ctc_weight: float = DEFAULT_CTC_WEIGHT,
         return_alignment: bool = False,
         lm_weight: float = 0.0,
     ):

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.asr.ctc import DEFAULT_CTC_WEIGHT
 from toolkit.errors import UserError
 
 DEFAULT_MAX_SECONDS = 10.0
@@ -280,7 +281,7 @@ def transcribe_long(
     extractor,
     decoder,
     beam_size: int = 1,
-    ctc_weight: float = 0.5,
+    ctc_weight: float = DEFAULT_CTC_WEIGHT,
     batch_size: int = 8,
     max_seconds: float = DEFAULT_MAX_SECONDS,
     search_seconds: float | None = None,
@@ -295,7 +296,7 @@ def transcribe_long(
             not cached).
         decoder: `pipelines.asr.decode.Decoder`.
         beam_size: int. `1` decodes each batch greedily. Defaults to `1`.
-        ctc_weight: float. CTC weight of the beam search. Defaults to `0.5`.
+        ctc_weight: float. CTC weight of the beam search. Defaults to `DEFAULT_CTC_WEIGHT`.
         lm_weight: float. Language model weight of the beam search. Defaults to `0.0`.
         batch_size: int. Segments whose features and decoder state are held at once.
             Defaults to `8`.

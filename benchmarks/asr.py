@@ -7,8 +7,8 @@
 1. Quality: trains the default config on the built-in corpus (or `--data`) for `--minutes` of
    wall time (`optim.max_minutes`), or takes an existing `--model`; reports the dev CER curve
    against training minutes, and test CER/WER with greedy decoding, with beam search (beam 4,
-   the model's CTC weight) and, when the model has its language model, with beam search and the LM at
-   its default weight (the default decoding) and with beam 8 and the LM. Targets (30 min,
+   the model's CTC weight) and, when the model has its language model, with beam search and the
+   LM at its default weight (the default decoding) and with beam 8 and the LM. Targets (30 min,
    2-core CPU): CER <= 5 %, WER <= 15 % with beam search.
 2. Speed: training utterances per second; decoding real-time factor for greedy (target <= 0.05)
    and beam 4 (target <= 0.2); cached vs uncached greedy decoding time for 100 output tokens
